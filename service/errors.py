@@ -1,0 +1,80 @@
+"""The service's errors.
+
+    ChargeShareError
+    ├── ConfigError            a setting is missing or malformed
+    ├── InputError             a message from outside is rejected (carries the wire error code)
+    │   ├── InvalidTopic
+    │   ├── InvalidPayload
+    │   ├── UnknownVehicle
+    │   ├── UnknownRequest
+    │   ├── InvalidChoice
+    │   └── AlreadyAnswered
+    ├── StoreError             the database refused or is unreachable
+    │   └── AlreadyExists      a name that must be unique is taken
+    └── BrokerAdminError       the broker's password or ACL file could not be changed
+"""
+
+from __future__ import annotations
+
+
+class ChargeShareError(Exception):
+    """Base of every error the service raises on purpose."""
+
+
+class ConfigError(ChargeShareError):
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        self.reason = reason
+        super().__init__(f"{setting}: {reason}")
+
+
+class InputError(ChargeShareError):
+    code = "invalid_payload"
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        self.reason = reason
+        super().__init__(f"{self.code}: {reason} ({topic})")
+
+
+class InvalidTopic(InputError):
+    code = "invalid_topic"
+
+
+class InvalidPayload(InputError):
+    code = "invalid_payload"
+
+
+class UnknownVehicle(InputError):
+    code = "unknown_vehicle"
+
+
+class UnknownRequest(InputError):
+    code = "unknown_request"
+
+
+class InvalidChoice(InputError):
+    code = "invalid_choice"
+
+
+class AlreadyAnswered(InputError):
+    code = "already_answered"
+
+
+class StoreError(ChargeShareError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class AlreadyExists(StoreError):
+    def __init__(self, what: str, name: str) -> None:
+        self.what = what
+        self.name = name
+        super().__init__(f"{what} {name!r} already exists")
+
+
+class BrokerAdminError(ChargeShareError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
