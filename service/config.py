@@ -20,7 +20,9 @@ def _secret(env: Mapping[str, str], name: str) -> bytes | None:
         try:
             data = Path(path).read_bytes().strip()
         except OSError as exc:
-            raise errors.ConfigError(f"CHARGESHARE_{name}_FILE", f"cannot read {path}: {exc}")
+            raise errors.ConfigError(
+                f"CHARGESHARE_{name}_FILE", f"cannot read {path}: {exc}"
+            ) from None
         return data or None
     return None
 
@@ -52,14 +54,20 @@ class Settings:
     webhook_allow_http_loopback: bool = False
     webhook_timeout_s: float = 10.0
     webhook_max_age_s: int = 48 * 3600
+    webhook_partner_inflight: int = 4  # deliveries at once to one partner: a slow one waits alone
     fcm_credentials: str | None = None
     fcm_url: str | None = None
     apns_key_file: str | None = None
     apns_key_id: str | None = None
     apns_team_id: str | None = None
     apns_topic: str | None = None
+    apns_url: str | None = None  # e.g. https://localhost:8443: a local APNs stand-in
+    apns_ca_file: str | None = None  # CA bundle to trust for APNs (a stand-in's own certificate)
+    push_timeout_s: float = 10.0
+    push_platform_inflight: int = 8  # sends at once to one of FCM / APNs: a slow one waits alone
     broker_dir: Path | None = None  # where passwd/acl live, for `owner add` and `partner add`
     broker_pid_file: Path | None = None
+    stack_dir: Path | None = None  # state of `chargeshare stack` (default: <repo>/.run)
     log_json: bool | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -116,14 +124,24 @@ class Settings:
             webhook_allow_http_loopback=flag("WEBHOOK_ALLOW_HTTP_LOOPBACK", False),
             webhook_timeout_s=num("WEBHOOK_TIMEOUT_S", d.webhook_timeout_s),
             webhook_max_age_s=int(num("WEBHOOK_MAX_AGE_S", d.webhook_max_age_s, int)),
+            webhook_partner_inflight=int(
+                num("WEBHOOK_PARTNER_INFLIGHT", d.webhook_partner_inflight, int)
+            ),
             fcm_credentials=get("CHARGESHARE_FCM_CREDENTIALS") or None,
             fcm_url=get("CHARGESHARE_FCM_URL") or None,
             apns_key_file=get("CHARGESHARE_APNS_KEY_FILE") or None,
             apns_key_id=get("CHARGESHARE_APNS_KEY_ID") or None,
             apns_team_id=get("CHARGESHARE_APNS_TEAM_ID") or None,
             apns_topic=get("CHARGESHARE_APNS_TOPIC") or None,
+            apns_url=get("CHARGESHARE_APNS_URL") or None,
+            apns_ca_file=get("CHARGESHARE_APNS_CA_FILE") or None,
+            push_timeout_s=num("PUSH_TIMEOUT_S", d.push_timeout_s),
+            push_platform_inflight=int(
+                num("PUSH_PLATFORM_INFLIGHT", d.push_platform_inflight, int)
+            ),
             broker_dir=opt_path("BROKER_DIR"),
             broker_pid_file=opt_path("BROKER_PID_FILE"),
+            stack_dir=opt_path("STACK_DIR"),
             log_json=None if not log_json else log_json.lower() in ("1", "true", "yes"),
         )
 

@@ -1,17 +1,19 @@
 """The service's errors.
 
-    ChargeShareError
-    ├── ConfigError            a setting is missing or malformed
-    ├── InputError             a message from outside is rejected (carries the wire error code)
-    │   ├── InvalidTopic
-    │   ├── InvalidPayload
-    │   ├── UnknownVehicle
-    │   ├── UnknownRequest
-    │   ├── InvalidChoice
-    │   └── AlreadyAnswered
-    ├── StoreError             the database refused or is unreachable
-    │   └── AlreadyExists      a name that must be unique is taken
-    └── BrokerAdminError       the broker's password or ACL file could not be changed
+ChargeShareError
+├── ConfigError            a setting is missing or malformed
+├── InvalidWebhookUrl      a partner webhook URL breaks the rules (https, loopback http)
+├── InputError             a message from outside is rejected (carries the wire error code)
+│   ├── InvalidTopic
+│   ├── InvalidPayload
+│   ├── UnknownVehicle
+│   ├── UnknownRequest
+│   ├── InvalidChoice
+│   └── AlreadyAnswered
+├── StoreError             the database refused or is unreachable
+│   ├── AlreadyExists      a name that must be unique is taken
+│   └── NotFound           a named account or record does not exist
+└── BrokerAdminError       the broker's password or ACL file could not be changed
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class ConfigError(ChargeShareError):
         self.setting = setting
         self.reason = reason
         super().__init__(f"{setting}: {reason}")
+
+
+class InvalidWebhookUrl(ChargeShareError):
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(f"webhook URL {url!r} refused: {reason}")
 
 
 class InputError(ChargeShareError):
@@ -74,7 +83,33 @@ class AlreadyExists(StoreError):
         super().__init__(f"{what} {name!r} already exists")
 
 
+class NotFound(StoreError):
+    def __init__(self, what: str, name: str) -> None:
+        self.what = what
+        self.name = name
+        super().__init__(f"no {what} named {name!r}")
+
+
 class BrokerAdminError(ChargeShareError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+def _transient() -> tuple[type[BaseException], ...]:
+    import asyncpg  # the one driver import here: the tuple names its exception types
+
+    return (
+        OSError,
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        asyncpg.CannotConnectNowError,
+        asyncpg.TooManyConnectionsError,
+        asyncpg.SerializationError,
+        asyncpg.DeadlockDetectedError,
+        asyncpg.AdminShutdownError,
+    )
+
+
+# Errors that mean "the database is not reachable right now": retry, do not ack.
+TRANSIENT = _transient()

@@ -27,7 +27,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -240,7 +242,11 @@ def start_postgres(d: Database, *, fsync: bool = True) -> None:
         check=False,
     )
     if done.returncode != 0:
-        log = (d.directory / "postgres.log").read_text() if (d.directory / "postgres.log").exists() else ""
+        log = (
+            (d.directory / "postgres.log").read_text()
+            if (d.directory / "postgres.log").exists()
+            else ""
+        )
         raise StackError(f"postgres did not start: {done.stdout}{done.stderr}\n{log[-2000:]}")
     _createdb(d, "chargeshare")
 

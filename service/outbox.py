@@ -204,7 +204,10 @@ class Dispatcher:
                     await conn.execute(DELETE, row.id)
                     if isinstance(outcome, Drop):
                         log.warning(
-                            "delivery dropped", kind=row.kind, outbox_id=row.id, reason=outcome.reason
+                            "delivery dropped",
+                            kind=row.kind,
+                            outbox_id=row.id,
+                            reason=outcome.reason,
                         )
         except (OSError, asyncpg.PostgresError) as exc:
             # The lease runs out and the row is delivered again: at least once.

@@ -12,6 +12,10 @@ PUBLIC_ROOT = "chargeshare/public"
 # An owner or vehicle name: one topic level, no wildcards, no separators, no control characters.
 _NAME = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+# Wildcards and control characters (NUL included) never belong in a topic name (MQTT 4.7.3).
+_FORBIDDEN = re.compile(r"[+#\x00-\x1f\x7f]")
+_GRID_INT = re.compile(r"^-?[0-9]{1,12}$")
+MAX_TOPIC_LENGTH = 512
 
 
 class Kind(Enum):
@@ -136,6 +140,10 @@ def is_metric(topic: str) -> bool:
 
 def parse(topic: str) -> Parsed:
     """Take an inbound topic apart, or raise TopicError saying why it is not one."""
+    if len(topic) > MAX_TOPIC_LENGTH:
+        raise TopicError(topic, f"topic longer than {MAX_TOPIC_LENGTH} characters")
+    if _FORBIDDEN.search(topic):
+        raise TopicError(topic, "topic contains a wildcard or control character")
     parts = topic.split("/")
     if len(parts) < 4 or parts[0] != ROOT:
         raise TopicError(topic, "not under ovms/<owner>/<vehicle>/")
@@ -154,10 +162,9 @@ def parse(topic: str) -> Parsed:
         if rest[1:4] == ["data", "log", "grid"]:
             if len(rest) != 6:
                 raise TopicError(topic, "grid log topic needs <entry id>/<age>")
-            try:
-                entry_id, age = int(rest[4]), int(rest[5])
-            except ValueError:
-                raise TopicError(topic, "grid log entry id and age must be integers") from None
+            if not (_GRID_INT.match(rest[4]) and _GRID_INT.match(rest[5])):
+                raise TopicError(topic, "grid log entry id and age must be integers")
+            entry_id, age = int(rest[4]), int(rest[5])
             if entry_id < 0 or age > 0 or age < -10 * 365 * 86400:
                 raise TopicError(topic, "grid log entry id must be >= 0 and age <= 0")
             return Parsed(Kind.GRID_LOG, owner, vehicle, "", entry_id, age)

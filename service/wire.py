@@ -43,7 +43,8 @@ def rfc3339(t: datetime) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a public contract; "yes" or 1 for a boolean, "12" for a number are wrong types.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Out(BaseModel):

@@ -1,4 +1,4 @@
-"""Fixtures: one real Mosquitto and one real Postgres per test run; a database and owner per test."""
+"""Fixtures: a real Mosquitto and a real Postgres per test run; a database and owner per test."""
 
 from __future__ import annotations
 
@@ -72,7 +72,9 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerHandle]:
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.Database]:
     """Start a throwaway Postgres cluster and a migrated template database."""
     # Not under pytest's 0700 tmp dir: the cluster runs as user postgres when we are root.
-    d = localstack.Database(Path(tempfile.mkdtemp(prefix="chargeshare-pg-")), localstack.free_port())
+    d = localstack.Database(
+        Path(tempfile.mkdtemp(prefix="chargeshare-pg-")), localstack.free_port()
+    )
     localstack.start_postgres(d, fsync=False)
 
     async def make_template() -> None:

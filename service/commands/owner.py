@@ -2,6 +2,86 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import asyncpg
 import typer
 
+from service import errors
+from service.adapters import accounts
+from service.config import Settings
+
 app = typer.Typer(no_args_is_help=True, add_completion=False)
+
+T = TypeVar("T")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line reason on stderr and return the exit to raise (status 1)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def run_with_db(work: Callable[[asyncpg.Connection, Settings], Awaitable[T]]) -> T:
+    """Run `work` with the settings and one database connection; exit 1 on a known failure."""
+    try:
+        settings = Settings.from_env()
+    except errors.ConfigError as exc:
+        raise fail(str(exc)) from None
+
+    async def go() -> T:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return await work(conn, settings)
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(go())
+    except errors.ChargeShareError as exc:
+        raise fail(str(exc)) from None
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise fail(f"database {settings.database_url}: {exc}") from None
+
+
+def emit(as_json: bool, obj: dict[str, Any], text: str) -> None:
+    """Print the JSON object or the human-readable line."""
+    typer.echo(json.dumps(obj) if as_json else text)
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Account name: the <owner> level of ovms/<owner>/.")],
+    password: Annotated[
+        str,
+        typer.Option(prompt=True, hide_input=True, confirmation_prompt=True, help="MQTT password."),
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Create an owner account for vehicles and apps, usable at once."""
+
+    async def work(conn: asyncpg.Connection, settings: Settings) -> None:
+        await accounts.add_owner(conn, settings, name, password)
+
+    run_with_db(work)
+    emit(as_json, {"name": name, "mqtt_username": name}, f"added owner {name}")
+
+
+@app.command("remove")
+def remove(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete an owner account (its vehicles' rows cascade) and its broker login."""
+
+    async def work(conn: asyncpg.Connection, settings: Settings) -> None:
+        # --erase / --retract plug in here as `before_delete`, inside the same transaction.
+        await accounts.remove_owner(conn, settings, name, before_delete=None)
+
+    run_with_db(work)
+    emit(as_json, {"name": name, "removed": True}, f"removed owner {name}")

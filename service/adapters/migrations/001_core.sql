@@ -30,13 +30,10 @@ CREATE TABLE locations (
     id          bigserial PRIMARY KEY,
     vehicle     bigint NOT NULL REFERENCES vehicles (id) ON DELETE CASCADE,
     answer      text NOT NULL DEFAULT 'pending' CHECK (answer IN ('pending', 'always', 'never')),
-    latitude    double precision,                     -- only while shared or a question is open
-    longitude   double precision,
-    coords_until timestamptz,                         -- pending: coordinates erased after this
+    -- No coordinates: a place is known only by the keyed hash of its grid cell (location_cells).
+    -- Coordinates live on sessions, and only while shared or asking.
     created_at  timestamptz NOT NULL DEFAULT now(),
-    updated_at  timestamptz NOT NULL DEFAULT now(),
-    CHECK ((latitude IS NULL) = (longitude IS NULL)),
-    CHECK (answer <> 'never' OR latitude IS NULL)
+    updated_at  timestamptz NOT NULL DEFAULT now()
 );
 
 -- Keyed hashes of the grid cell a location lies in; looked up by hashing cells around a new fix.
@@ -62,7 +59,7 @@ CREATE TABLE sessions (
     ended_at      timestamptz,
     latitude      double precision,                   -- only while shared or asking
     longitude     double precision,
-    geohash       text,
+    region        text,          -- first 3 geohash characters: the public topic's g1/g2/g3
     energy_kwh    double precision,
     max_power_kw  double precision,
     max_voltage   double precision,

@@ -1,0 +1,117 @@
+"""Open every resource in one AsyncExitStack and run the long-running loops in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+import structlog
+import uvicorn
+
+from service import handler, outbox, settle
+from service.adapters import api, mqtt, push, schema, webhook_delivery
+from service.config import Settings
+
+log = structlog.get_logger("app")
+
+
+async def connect_pool(settings: Settings) -> asyncpg.Pool:
+    """Create the connection pool, waiting for the database with growing delays."""
+    delay = 0.5
+    while True:
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                settings.database_url, min_size=2, max_size=12
+            )
+            return pool
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("database unreachable; retrying", error=str(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+class _Api(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield  # the service handles signals itself; uvicorn must not re-raise them
+
+
+@dataclass
+class Service:
+    """The running parts, for tests and the CLI."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    handler: handler.Handler
+    events: mqtt.Link
+    metrics: mqtt.Link
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncIterator[Service]:
+    """Run the whole service until the context exits."""
+    secrets = [settings.require_secret()]
+    if settings.location_secret_previous:
+        secrets.append(settings.location_secret_previous)
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await connect_pool(settings)
+        stack.push_async_callback(pool.close)
+        async with pool.acquire() as conn:
+            await schema.migrate(conn)
+        loops = asyncio.TaskGroup()
+        wakers: list[outbox.Dispatcher] = []
+
+        def wake() -> None:
+            judge.wake()
+            for d in wakers:
+                d.wake()
+
+        judge = settle.Loop(pool, settings, secrets, handler.utcnow, wake)
+        h = handler.Handler(pool, settings, wake=wake)
+
+        async def on_message(
+            topic: str, payload: bytes, retained: bool, since: datetime | None
+        ) -> None:
+            await h.handle(topic, payload, retained=retained, since=since)
+
+        events, metrics = await stack.enter_async_context(mqtt.links(settings, on_message))
+        wakers.append(outbox.Dispatcher(pool, mqtt.MqttDeliverer(events), concurrency=64))
+        pusher = push.build(settings, pool)
+        if pusher is not None:
+            wakers.append(outbox.Dispatcher(pool, pusher))
+        hooks = await stack.enter_async_context(webhook_delivery.build(settings, pool))
+        wakers.append(outbox.Dispatcher(pool, hooks, backoff_cap_s=3600.0))
+        await stack.enter_async_context(loops)
+        loops.create_task(judge.run(), name="settle")
+        for d in wakers:
+            loops.create_task(d.run(), name=f"outbox-{d.deliverer.kind}")
+        server = None
+        if api_enabled:
+            config = uvicorn.Config(
+                api.create_app(settings, pool),
+                host=settings.api_host,
+                port=settings.api_port,
+                log_config=None,
+                access_log=False,
+            )
+            server = _Api(config)
+            loops.create_task(server.serve(), name="api")
+        log.info("service running", client_id=settings.client_id, push=pusher is not None)
+        try:
+            yield Service(settings, pool, h, events, metrics)
+        finally:
+            if server is not None:
+                server.should_exit = True
+            for task in list(loops._tasks):
+                if task.get_name() != "api":
+                    task.cancel()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until cancelled (SIGTERM / SIGINT)."""
+    async with running(settings):
+        await asyncio.Event().wait()

@@ -1,0 +1,43 @@
+"""Find a vehicle's charging place by keyed cell hashes (no coordinates stored), or add one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from service.adapters import store
+from service.domain import privacy, sessions
+from service.effects import Ctx
+
+
+async def find_or_add(
+    ctx: Ctx, secrets: Sequence[bytes], lat: float, lon: float
+) -> tuple[int, sessions.Standing]:
+    """Return (place id, standing answer) of the place within the fence radius, adding it if new.
+
+    A place found under the previous key is re-keyed to the current one on this match.
+    """
+    v = ctx.vehicle
+    radius = ctx.settings.fence_radius_m
+    wanted = privacy.lookup_hashes(list(secrets), v.salt, lat, lon, radius)
+    found = await ctx.conn.fetchrow(store.FIND_PLACE, list(wanted), v.pk)
+    current_key = privacy.key_id(secrets[0])
+    if found is not None:
+        if found["key_id"] != current_key:
+            await _rekey(ctx, found["id"], secrets[0], v.salt, lat, lon, current_key)
+        return found["id"], sessions.Standing(found["answer"])
+    place_id: int = await ctx.conn.fetchval(store.NEW_PLACE, v.pk)
+    cell = privacy.cell_of(lat, lon)
+    await ctx.conn.execute(
+        store.ADD_CELL, privacy.cell_hash(secrets[0], v.salt, cell), current_key, place_id
+    )
+    return place_id, sessions.Standing.PENDING
+
+
+async def _rekey(
+    ctx: Ctx, place_id: int, secret: bytes, salt: bytes, lat: float, lon: float, key: str
+) -> None:
+    # The place's own cell is unknown (only its hash is stored); the cell of this fix, which lies
+    # within the fence, stands in for it from now on.
+    cell = privacy.cell_of(lat, lon)
+    await ctx.conn.execute(store.ADD_CELL, privacy.cell_hash(secret, salt, cell), key, place_id)
+    await ctx.conn.execute(store.REKEY_CELLS, place_id, key)
