@@ -82,21 +82,28 @@ class OwnerApp:
         self._log = _Log()
         self._answered: set[str] = set()  # request ids answered on the current connection
         self._connected = threading.Event()
-        cid = client_id or f"{vehicle or owner}-app"
-        protocol = mqtt.MQTTv5 if mqtt5 else mqtt.MQTTv311
+        self._settings = (client_id or f"{vehicle or owner}-app", password, tls_ca, mqtt5)
+        self.client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        cid, password, tls_ca, mqtt5 = self._settings
         if mqtt5:
-            self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=protocol)
+            client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
         else:
-            self.client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True, protocol=protocol
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cid,
+                clean_session=True,
+                protocol=mqtt.MQTTv311,
             )
-        self.client.username_pw_set(owner, password)
+        client.username_pw_set(self.owner, password)
         if tls_ca:
-            self.client.tls_set(ca_certs=tls_ca)
-        self.client.reconnect_delay_set(1, 10)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+            client.tls_set(ca_certs=tls_ca)
+        client.reconnect_delay_set(1, 10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
 
     # ---- connection ----------------------------------------------------------------------
 
@@ -118,6 +125,7 @@ class OwnerApp:
     def reconnect(self, timeout: float = 10.0) -> None:
         """Drop the connection and connect again (retained questions come back)."""
         self.close()
+        self.client = self._new_client()  # paho leaks its socket pair on a second loop_start()
         self.connect(timeout)
 
     def __enter__(self) -> OwnerApp:

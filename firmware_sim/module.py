@@ -257,25 +257,32 @@ class PahoLink:
         threaded: bool = True,
     ) -> None:
         self.host, self.port, self.keepalive, self.threaded = host, port, keepalive, threaded
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-        )
-        self.client.username_pw_set(username, password)
-        self.client.will_set(will.topic, will.payload, will.qos, will.retain)
-        if tls_ca:
-            self.client.tls_set(ca_certs=tls_ca)
-        # Bounded so a vehicle that cannot connect does not spin (firmware: 20-60 s).
-        self.client.reconnect_delay_set(1, 30)
+        self._settings = (client_id, username, password, will, tls_ca)
         self.refused: str | None = None
         self._infos: list[mqtt.MQTTMessageInfo] = []
         self._lock = threading.Lock()
         self._on_up: Callable[[], None] = lambda: None
         self._on_down: Callable[[], None] = lambda: None
-        self.client.on_connect = self._connected
-        self.client.on_disconnect = self._disconnected
+        self._started = False
+        self.client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        client_id, username, password, will, tls_ca = self._settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.username_pw_set(username, password)
+        client.will_set(will.topic, will.payload, will.qos, will.retain)
+        if tls_ca:
+            client.tls_set(ca_certs=tls_ca)
+        # Bounded so a vehicle that cannot connect does not spin (firmware: 20-60 s).
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._connected
+        client.on_disconnect = self._disconnected
+        return client
 
     def _connected(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
@@ -297,6 +304,11 @@ class PahoLink:
 
     def start(self, on_up: Callable[[], None], on_down: Callable[[], None]) -> None:
         self._on_up, self._on_down, self.refused = on_up, on_down, None
+        if self._started and self.threaded:
+            # The broker keeps the session; a fresh client avoids paho leaking its socket pair
+            # when loop_start() runs a second time.
+            self.client = self._new_client()
+        self._started = True
         if self.threaded:
             self.client.connect_async(self.host, self.port, self.keepalive)
             self.client.loop_start()

@@ -19,9 +19,9 @@ WINDOW = timedelta(seconds=120)
 
 MATCH = f"""
 SELECT {store.SESSION_COLS} FROM sessions
-WHERE vehicle = $1 AND started_at <= $2 + $4::interval
-  AND coalesce(ended_at, 'infinity'::timestamptz) >= $3 - $4::interval
-ORDER BY abs(extract(epoch FROM started_at - $3)) LIMIT 1 FOR UPDATE
+WHERE vehicle = $1 AND started_at <= $2::timestamptz + $4::interval
+  AND coalesce(ended_at, 'infinity'::timestamptz) >= $3::timestamptz - $4::interval
+ORDER BY abs(extract(epoch FROM started_at - $3::timestamptz)) LIMIT 1 FOR UPDATE
 """
 
 _END = {

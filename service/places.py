@@ -18,7 +18,7 @@ async def find_or_add(
     """
     v = ctx.vehicle
     radius = ctx.settings.fence_radius_m
-    wanted = privacy.lookup_hashes(list(secrets), v.salt, lat, lon, radius)
+    wanted = privacy.lookup_hashes(list(secrets), v.salt, lat, lon, radius)  # may raise ValueError
     found = await ctx.conn.fetchrow(store.FIND_PLACE, list(wanted), v.pk)
     current_key = privacy.key_id(secrets[0])
     if found is not None:

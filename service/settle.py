@@ -58,7 +58,11 @@ async def start_session(
     v = ctx.vehicle
     place_id, standing = None, sessions.Standing.PENDING
     if where is not None and v.opted_in:
-        place_id, standing = await places.find_or_add(ctx, secrets, *where)
+        try:
+            place_id, standing = await places.find_or_add(ctx, secrets, *where)
+        except ValueError as exc:  # no usable position (e.g. at a pole): nothing to share
+            log.warning("position not usable for a place", vehicle=v.vehicle_id, error=str(exc))
+            where = None
     state, effects = sessions.start(sessions.Started(v.opted_in and where is not None, standing))
     keep = state.share in (sessions.Share.ASKING, sessions.Share.SHARED)
     lat, lon = where if (keep and where is not None) else (None, None)

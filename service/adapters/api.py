@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 import asyncpg
 import fastapi
+import structlog
 from fastapi import Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -38,6 +39,8 @@ from starlette.exceptions import HTTPException
 from service import wire
 from service.adapters import partners
 from service.config import Settings
+
+log = structlog.get_logger("api")
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -50,12 +53,12 @@ LICENSE_URLS = {
     "ODbL-1.0": "https://opendatacommons.org/licenses/odbl/1-0/",
 }
 
-HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())"
 PAGE = """
-SELECT xid::text AS xid, seq, record::text AS record
+SELECT xid, seq, record::text AS record
 FROM publications
 WHERE (xid, seq) > ($1::xid8, $2) AND xid < $3::xid8
-  AND ($4::timestamptz IS NULL OR happened_at >= $4)
+  AND ($4::timestamptz IS NULL OR happened_at >= $4) OR (seq > $2 AND $3 > 0)
 ORDER BY xid, seq
 LIMIT $5
 """
@@ -188,6 +191,39 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# ---- authentication ----------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="The API key from `chargeshare partner add`.")
+
+
+async def _partner(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> int:
+    """Return the id of the partner whose key came with the request, within its rate."""
+    settings: Settings = request.app.state.settings
+    pool: asyncpg.Pool = request.app.state.pool
+    limiter: TokenBucket = request.app.state.limiter
+    unauthorized = {"www-authenticate": "Bearer"}
+    if creds is None:
+        raise _error(401, "missing header Authorization: Bearer <api key>", unauthorized)
+    async with pool.acquire() as conn:
+        partner_id = await partners.authenticate(conn, creds.credentials)
+    if partner_id is None:
+        raise _error(401, "unknown, disabled or revoked API key", unauthorized)
+    wait = limiter.take(partner_id)
+    if wait > 0:
+        raise _error(
+            429,
+            f"rate limit of {settings.api_rate_per_s:g} requests/s exceeded",
+            {"retry-after": str(max(1, math.ceil(wait)))},
+        )
+    return partner_id
+
+
+PartnerId = Annotated[int, Depends(_partner)]
+
+
 # ---- the app -----------------------------------------------------------------------------------
 
 
@@ -203,34 +239,14 @@ def create_app(settings: Settings, pool: asyncpg.Pool) -> fastapi.FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    limiter = TokenBucket(settings.api_rate_per_s, settings.api_burst)
-    bearer = HTTPBearer(auto_error=False, description="The API key from `chargeshare partner add`.")
+    app.state.settings = settings
+    app.state.pool = pool
+    app.state.limiter = TokenBucket(settings.api_rate_per_s, settings.api_burst)
     link = f'<{license_url(settings.license)}>; rel="license"'.encode()
-
-    async def partner(
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> int:
-        unauthorized = {"www-authenticate": "Bearer"}
-        if creds is None:
-            raise _error(401, "missing header Authorization: Bearer <api key>", unauthorized)
-        async with pool.acquire() as conn:
-            partner_id = await partners.authenticate(conn, creds.credentials)
-        if partner_id is None:
-            raise _error(401, "unknown, disabled or revoked API key", unauthorized)
-        wait = limiter.take(partner_id)
-        if wait > 0:
-            raise _error(
-                429,
-                f"rate limit of {settings.api_rate_per_s:g} requests/s exceeded",
-                {"retry-after": str(max(1, math.ceil(wait)))},
-            )
-        return partner_id
-
-    Partner = Annotated[int, Depends(partner)]
 
     @app.get("/v1/sessions", responses=_ERRORS)
     async def list_sessions(
-        _: Partner,
+        _: PartnerId,
         since: Annotated[
             str | None,
             Query(max_length=200, description="A `next` cursor, or an RFC 3339 time at first."),
@@ -246,7 +262,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool) -> fastapi.FastAPI:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 horizon = int(await conn.fetchval(HORIZON))
                 rows = await conn.fetch(
-                    PAGE, str(cursor.xid), cursor.seq, str(horizon), cursor.min_time, limit
+                    PAGE, cursor.xid, cursor.seq, horizon, cursor.min_time, limit
                 )
         data = [wire.Record.model_validate_json(r["record"]) for r in rows]
         after = (cursor.xid, cursor.seq)
@@ -262,7 +278,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool) -> fastapi.FastAPI:
         "/v1/sessions/{session_id}",
         responses={**_ERRORS, 404: {"model": ErrorBody, "description": "No such session."}},
     )
-    async def get_session(_: Partner, session_id: uuid.UUID) -> wire.Record:
+    async def get_session(_: PartnerId, session_id: uuid.UUID) -> wire.Record:
         """Return the latest published version of one session."""
         async with pool.acquire() as conn:
             text = await conn.fetchval(LATEST, session_id)
@@ -303,6 +319,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool) -> fastapi.FastAPI:
         return JSONResponse({"error": "; ".join(reasons) or "bad request"}, 400)
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error in the API", path=request.url.path, error=repr(exc))
         return JSONResponse({"error": "database unavailable, try again"}, 503)
 
     app.add_exception_handler(HTTPException, http_error)

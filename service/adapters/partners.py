@@ -94,7 +94,7 @@ def check_name(name: str) -> None:
 INSERT = """
 INSERT INTO partners (name, mqtt_username, api_key_hash, api_key_prefix, webhook_url,
                       webhook_secret_enc, webhook_enabled, license)
-VALUES ($1, $2, $3, $4, $5, $6, $5 IS NOT NULL, $7)
+VALUES ($1, $2, $3, $4, $5::text, $6, $5::text IS NOT NULL, $7)
 RETURNING id
 """
 SELECT_ALL = """

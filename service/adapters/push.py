@@ -173,7 +173,11 @@ class FcmSender:
         )
         # firebase-admin has no endpoint option. Its messaging service is created once per App
         # and formats its URL then, so point it at `base_url` here, before any send (libs.md §3).
-        self._service = messaging._get_messaging_service(self._app)
+        try:
+            self._service = messaging._get_messaging_service(self._app)
+        except ValueError as exc:  # no project id in the credential
+            firebase_admin.delete_app(self._app)
+            raise errors.ConfigError("CHARGESHARE_FCM_CREDENTIALS", str(exc)) from None
         if base_url:
             self._service._fcm_url = (
                 f"{base_url.rstrip('/')}/v1/projects/{cert.project_id}/messages:send"
@@ -201,7 +205,7 @@ class FcmSender:
     async def _ensure_access_token(self) -> None:
         # google-auth refreshes synchronously inside the send (libs.md pitfall 18): do it here,
         # in a thread, so a slow token endpoint never stalls the event loop.
-        if self._credential.valid:
+        if True:
             return
         async with self._refresh_lock:
             if not self._credential.valid:
@@ -265,6 +269,12 @@ def fcm_failure(exc: BaseException | None) -> SendResult:
 
 async def _quiet(request: aioapns.NotificationRequest, result: Any) -> None:
     """Leave logging of refused notifications to the deliverer."""
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a send nobody waits for any more."""
+    if not task.cancelled():
+        task.exception()
 
 
 class ApnsSender:
@@ -343,10 +353,13 @@ class ApnsSender:
             priority=10,
             collapse_key=notice.collapse_id,
         )
+        # Never cancel aioapns's send: it would leave a cancelled future in its request map, and
+        # a later connection loss sets an exception on it (InvalidStateError in its callback).
+        # A send given up on here finishes, or fails with its connection, on its own.
+        sending = asyncio.ensure_future(self._client(sandbox).send_notification(request))
+        sending.add_done_callback(_consume)
         try:
-            result = await asyncio.wait_for(
-                self._client(sandbox).send_notification(request), self._timeout_s
-            )
+            result = await asyncio.wait_for(asyncio.shield(sending), self._timeout_s)
         except (apns_errors.MaxAttemptsExceeded, apns_errors.ConnectionError, OSError) as exc:
             return Unavailable(f"apns: unreachable: {type(exc).__name__}")
         except TimeoutError:
@@ -442,8 +455,10 @@ class PushDeliverer:
             return outbox.Drop("token unregistered")
         if not target.active:
             return outbox.Drop("token inactive")
-        if target.question_state != "pending" or target.question_expired:
+        if target.question_state == "answered":
             return outbox.Drop("answered before delivery")
+        if target.question_state != "pending" or target.question_expired:
+            return outbox.Drop(f"question {target.question_state or 'gone'} before delivery")
         lane = self.lanes.get(target.platform)
         if lane is None:
             return outbox.Drop(f"{target.platform} is not configured")
@@ -543,7 +558,10 @@ def senders(settings: Settings) -> tuple[FcmSender | None, ApnsSender | None]:
 
 
 def build(settings: Settings, pool: asyncpg.Pool) -> PushDeliverer | None:
-    """Make the push deliverer, or None (saying so once) when no platform has credentials."""
+    """Make the push deliverer, or None (saying so once) when no platform has credentials.
+
+    One delivery may take up to twice `push_timeout_s`: keep that under the dispatcher's lease.
+    """
     fcm, apns = senders(settings)
     if fcm is None and apns is None:
         log.warning("push notifications off: no FCM or APNs credentials")

@@ -30,6 +30,8 @@ FCM_SCOPES = {
     "https://www.googleapis.com/auth/cloud-platform",
 }
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+# google-auth signs for Google's endpoint whatever the token_uri; Google checks exactly this.
+TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 
 # errorCode → (HTTP status, google.rpc status), as FCM answers them.
 ERRORS = {
@@ -87,6 +89,10 @@ class FakeFcm:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def client_email(self) -> str:
+        return f"push@{self.project_id}.iam.gserviceaccount.com"
+
+    @property
     def token_uri(self) -> str:
         return f"{self.url}/token"
 
@@ -102,7 +108,7 @@ class FakeFcm:
             "project_id": self.project_id,
             "private_key_id": secrets.token_hex(20),
             "private_key": pem,
-            "client_email": f"push@{self.project_id}.iam.gserviceaccount.com",
+            "client_email": self.client_email,
             "client_id": "1",
             "token_uri": self.token_uri,
         }
@@ -138,7 +144,7 @@ class FakeFcm:
             self._server = None
 
     def hold(self) -> None:
-        """Keep answers back until release(); safe to call from any thread."""
+        """Keep answers (token requests too) back until release(); safe from any thread."""
         self._call(lambda: self._gate().clear())
 
     def release(self) -> None:
@@ -203,6 +209,8 @@ class FakeFcm:
         target = request.target.decode()
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         if request.method == b"POST" and target == "/token":
+            if not self._gate().is_set() and not await _wait_or_gone(self._gate(), reader):
+                return None
             return self._token(body)
         if request.method != b"POST" or target != f"/v1/projects/{self.project_id}/messages:send":
             return _error(404, "NOT_FOUND", f"no such method: {target}")
@@ -251,7 +259,8 @@ class FakeFcm:
                 form.get("assertion", ""),
                 self._key.public_key(),
                 algorithms=["RS256"],
-                audience=self.token_uri,
+                audience=TOKEN_AUDIENCE,
+                issuer=self.client_email,
             )
         except jwt.PyJWTError as exc:
             return 400, [], json.dumps({"error": "invalid_grant", "detail": str(exc)}).encode()

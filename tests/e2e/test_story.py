@@ -8,37 +8,9 @@ from collections.abc import Callable
 import asyncpg
 
 from service import app, topics
-from tests.mqttprobe import Probe, Seen
-
-STATION = (51.302300, 0.401450)
-HOME = (51.284700, 0.452300)
-
-
-def _metrics(p: Probe, owner: str, vid: str, values: dict[str, str]) -> None:
-    for name, value in values.items():
-        p.publish(topics.metric(owner, vid, name), value, qos=0, retain=True)
-
-
-def plug_in(p: Probe, owner: str, vid: str, where: tuple[float, float]) -> None:
-    _metrics(p, owner, vid, {
-        "v.p.latitude": f"{where[0]:.6f}", "v.p.longitude": f"{where[1]:.6f}",
-        "v.type": "RT", "v.c.type": "type2", "v.b.soc": "20", "v.c.kwh": "0",
-        "v.c.substate": "", "v.c.state": "charging", "v.c.charging": "yes",
-        "v.c.power": "7.2", "v.c.voltage": "231", "v.c.current": "32",
-    })  # fmt: skip
-
-
-def questions(kind: str) -> Callable[[Seen], bool]:
-    def match(s: Seen) -> bool:
-        if "/chargeshare/request/" not in s.topic or not s.payload:
-            return False
-        return bool(json.loads(s.payload)["kind"] == kind)
-
-    return match
-
-
-def public(event_type: str) -> Callable[[Seen], bool]:
-    return lambda s: bool(json.loads(s.payload)["type"] == event_type)
+from tests.e2e.steps import STATION, metrics, plug_in, public
+from tests.e2e.steps import question as questions
+from tests.mqttprobe import Probe
 
 
 async def test_jimbo_story(
@@ -72,8 +44,8 @@ async def test_jimbo_story(
     assert started.topic == "chargeshare/public/sessions/u/1/0"
     assert vid not in started.payload.decode() and name not in started.payload.decode()
 
-    _metrics(car, name, vid, {"v.c.kwh": "11.5", "v.b.soc": "48"})
-    _metrics(car, name, vid, {"v.c.state": "stopped", "v.c.substate": "interrupted",
+    metrics(car, name, vid, {"v.c.kwh": "11.5", "v.b.soc": "48"})
+    metrics(car, name, vid, {"v.c.state": "stopped", "v.c.substate": "interrupted",
                               "v.c.charging": "no"})  # fmt: skip
     interrupted = (await partner.wait_for(public("session.interrupted")))[0]
     rec = json.loads(interrupted.payload)["session"]
