@@ -8,6 +8,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,26 @@ class BrokerHandle:
         """Create a read-only partner account and make the broker reread its files."""
         self.partners[name] = password
         self._apply(name, password)
+
+    def clear_retained(self, owner: str) -> None:
+        """Delete every retained message under ovms/<owner>/ (later services must not see it)."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        found: set[str] = set()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"cleaner-{owner}")
+        c.username_pw_set(SERVICE_USER, SERVICE_PASSWORD)
+        c.on_message = lambda _c, _u, m: found.add(m.topic) if m.retain and m.payload else None
+        c.connect("127.0.0.1", self.port)
+        c.loop_start()
+        try:
+            c.subscribe(f"ovms/{owner}/#", 0)
+            time.sleep(0.3)
+            for topic in sorted(found):
+                c.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        finally:
+            c.disconnect()
+            c.loop_stop()
 
     def _apply(self, name: str, password: str) -> None:
         self.files.set_password(name, password)
@@ -116,25 +137,26 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-def owner(broker: BrokerHandle) -> tuple[str, str]:
-    """A fresh owner account (name, password) on the test broker: each test its own prefix."""
-    name = f"owner{next(_counter)}x{secrets.token_hex(2)}"
-    password = secrets.token_urlsafe(12)
-    broker.add_owner(name, password)
-    return name, password
-
-
-@pytest.fixture
-def new_owner(broker: BrokerHandle) -> Callable[[], tuple[str, str]]:
-    """Make more owner accounts on demand."""
+def new_owner(broker: BrokerHandle) -> Iterator[Callable[[], tuple[str, str]]]:
+    """Make owner accounts on demand; what they left retained is cleared afterwards."""
+    made: list[str] = []
 
     def make() -> tuple[str, str]:
         name = f"owner{next(_counter)}x{secrets.token_hex(2)}"
         password = secrets.token_urlsafe(12)
         broker.add_owner(name, password)
+        made.append(name)
         return name, password
 
-    return make
+    yield make
+    for name in made:
+        broker.clear_retained(name)
+
+
+@pytest.fixture
+def owner(new_owner: Callable[[], tuple[str, str]]) -> tuple[str, str]:
+    """A fresh owner account (name, password) on the test broker: each test its own prefix."""
+    return new_owner()
 
 
 REPO = Path(__file__).resolve().parent.parent

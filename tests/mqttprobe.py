@@ -34,7 +34,6 @@ class Probe:
         )
         self.client.username_pw_set(username, password)
         self.seen: list[Seen] = []
-        self.retained: set[str] = set()
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client.on_message = self._on_message
@@ -58,8 +57,6 @@ class Probe:
             raise TimeoutError(f"no SUBACK for {topic}")
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 1, retain: bool = False) -> None:
-        if retain:
-            self.retained.add(topic)
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos > 0:
             info.wait_for_publish(5)
@@ -85,8 +82,5 @@ class Probe:
             await asyncio.sleep(0.02)
 
     def close(self) -> None:
-        """Clear what this client left retained (later tests' services must not see it), leave."""
-        for topic in self.retained:
-            self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
         self.client.disconnect()
         self.client.loop_stop()

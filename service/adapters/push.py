@@ -205,7 +205,7 @@ class FcmSender:
     async def _ensure_access_token(self) -> None:
         # google-auth refreshes synchronously inside the send (libs.md pitfall 18): do it here,
         # in a thread, so a slow token endpoint never stalls the event loop.
-        if True:
+        if self._credential.valid:
             return
         async with self._refresh_lock:
             if not self._credential.valid:
@@ -405,12 +405,15 @@ class _Lane:
     def paused_for(self) -> float:
         return max(0.0, self.paused_until - time.monotonic())
 
-    def failed(self) -> None:
+    def failed(self) -> float | None:
+        """Pause the lane after a service failure; return the pause, or None if one is on."""
         now = time.monotonic()
-        if now >= self.paused_until:  # sends already in flight during a pause count once
-            self.failures += 1
-            delay = outbox.backoff(self.failures, self.pause_base_s, self.pause_cap_s)
-            self.paused_until = now + delay
+        if now < self.paused_until:  # sends already in flight when the pause began count once
+            return None
+        self.failures += 1
+        delay = outbox.backoff(self.failures, self.pause_base_s, self.pause_cap_s)
+        self.paused_until = now + delay
+        return delay
 
     def worked(self) -> None:
         self.failures = 0
@@ -499,8 +502,13 @@ class PushDeliverer:
                 bound.error("push refused", reason=reason)
                 return outbox.Drop(reason)
             case Unavailable(reason=reason, retry_after_s=after, platform_down=down):
-                if down:
-                    lane.failed()
+                if down and (pause := lane.failed()) is not None:
+                    bound.warning(
+                        "push platform paused",
+                        reason=reason,
+                        failures=lane.failures,
+                        pause_s=round(pause, 2),
+                    )
                 return outbox.Retry(reason, after)
 
     async def aclose(self) -> None:
