@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 import uvicorn
 
-from service import handler, outbox, settle
+from service import handler, observability, outbox, ratelimit, settle
 from service.adapters import api, mqtt, push, schema, webhook_delivery
 from service.config import Settings
 
@@ -78,7 +78,10 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
         ) -> None:
             await h.handle(topic, payload, retained=retained, since=since)
 
-        events, metrics = await stack.enter_async_context(mqtt.links(settings, on_message))
+        limited = ratelimit.guard(
+            ratelimit.OwnerLimiter.from_settings(settings), on_message, h.reject
+        )
+        events, metrics = await stack.enter_async_context(mqtt.links(settings, limited))
         wakers.append(outbox.Dispatcher(pool, mqtt.MqttDeliverer(events), concurrency=64))
         pusher = push.build(settings, pool)
         if pusher is not None:
@@ -87,12 +90,13 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
         wakers.append(outbox.Dispatcher(pool, hooks, backoff_cap_s=3600.0))
         await stack.enter_async_context(loops)
         loops.create_task(judge.run(), name="settle")
+        loops.create_task(observability.sample(pool, settings.metrics_sample_s), name="metrics")
         for d in wakers:
             loops.create_task(d.run(), name=f"outbox-{d.deliverer.kind}")
         server = None
         if api_enabled:
             config = uvicorn.Config(
-                api.create_app(settings, pool),
+                observability.with_metrics(api.create_app(settings, pool)),
                 host=settings.api_host,
                 port=settings.api_port,
                 log_config=None,

@@ -65,6 +65,10 @@ class Settings:
     apns_ca_file: str | None = None  # CA bundle to trust for APNs (a stand-in's own certificate)
     push_timeout_s: float = 10.0
     push_platform_inflight: int = 8  # sends at once to one of FCM / APNs: a slow one waits alone
+    owner_message_rate: float = 50.0  # inbound MQTT messages per second per owner (per replica)
+    owner_message_burst: int = 1000
+    owner_rate_notice_s: float = 60.0  # at most one rate_limited error per owner this often
+    metrics_sample_s: float = 15.0  # how often database gauges (sessions, outbox) are refreshed
     broker_dir: Path | None = None  # where passwd/acl live, for `owner add` and `partner add`
     broker_pid_file: Path | None = None
     stack_dir: Path | None = None  # state of `chargeshare stack` (default: <repo>/.run)
@@ -139,6 +143,10 @@ class Settings:
             push_platform_inflight=int(
                 num("PUSH_PLATFORM_INFLIGHT", d.push_platform_inflight, int)
             ),
+            owner_message_rate=num("OWNER_MESSAGE_RATE", d.owner_message_rate),
+            owner_message_burst=int(num("OWNER_MESSAGE_BURST", d.owner_message_burst, int)),
+            owner_rate_notice_s=num("OWNER_RATE_NOTICE_S", d.owner_rate_notice_s),
+            metrics_sample_s=num("METRICS_SAMPLE_S", d.metrics_sample_s),
             broker_dir=opt_path("BROKER_DIR"),
             broker_pid_file=opt_path("BROKER_PID_FILE"),
             stack_dir=opt_path("STACK_DIR"),

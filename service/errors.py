@@ -9,7 +9,8 @@ ChargeShareError
 │   ├── UnknownVehicle
 │   ├── UnknownRequest
 │   ├── InvalidChoice
-│   └── AlreadyAnswered
+│   ├── AlreadyAnswered
+│   └── RateLimited        an owner sent more than its share of messages
 ├── StoreError             the database refused or is unreachable
 │   ├── AlreadyExists      a name that must be unique is taken
 │   └── NotFound           a named account or record does not exist
@@ -68,6 +69,10 @@ class InvalidChoice(InputError):
 
 class AlreadyAnswered(InputError):
     code = "already_answered"
+
+
+class RateLimited(InputError):
+    code = "rate_limited"
 
 
 class StoreError(ChargeShareError):

@@ -16,7 +16,7 @@ import asyncpg
 import pydantic
 import structlog
 
-from service import errors, gridlog, outbox, sealing, topics, wire
+from service import errors, gridlog, observability, outbox, sealing, topics, wire
 from service.adapters import push_tokens, store
 from service.config import Settings
 from service.domain import detect, sessions
@@ -90,6 +90,7 @@ class Handler:
     async def reject(self, topic: str, exc: errors.InputError) -> None:
         """Log a rejected message and queue the error for the owner's apps (when addressable)."""
         log.warning("message rejected", topic=topic, code=exc.code, reason=exc.reason)
+        observability.rejected(exc.code)
         parts = topic.split("/")
         if len(parts) < 3 or parts[0] != topics.ROOT:
             return

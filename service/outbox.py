@@ -18,6 +18,8 @@ from typing import Protocol
 import asyncpg
 import structlog
 
+from service import observability
+
 log = structlog.get_logger("outbox")
 
 
@@ -185,6 +187,7 @@ class Dispatcher:
         except Exception as exc:  # a deliverer bug must not lose the row or stop the loop
             log.exception("deliverer raised; will retry", kind=row.kind, outbox_id=row.id)
             outcome = Retry(f"{type(exc).__name__}: {exc}")
+        observability.delivered(row, outcome)
         try:
             async with self.pool.acquire() as conn:
                 if isinstance(outcome, Retry):

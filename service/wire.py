@@ -5,7 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_serializer,
+    field_validator,
+)
 
 MAX_PAYLOAD = 16 * 1024  # bytes; larger app messages are refused before parsing
 
@@ -28,6 +35,7 @@ ErrorCode = Literal[
     "invalid_choice",
     "already_answered",
     "unknown_vehicle",
+    "rate_limited",
 ]
 
 Text = Annotated[str, StringConstraints(max_length=200)]
@@ -45,6 +53,14 @@ def rfc3339(t: datetime) -> str:
 class _Strict(BaseModel):
     # strict: a public contract; "yes" or 1 for a boolean, "12" for a number are wrong types.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # Postgres text cannot hold U+0000: refuse it here with a reason, not later with a crash.
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("text must not contain NUL (U+0000)")
+        return v
 
 
 class _Out(BaseModel):

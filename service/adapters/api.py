@@ -57,7 +57,7 @@ HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())"
 PAGE = """
 SELECT xid, seq, record::text AS record
 FROM publications
-WHERE (xid, seq) > ($1::xid8, $2) AND $3::xid8 IS NOT NULL
+WHERE (xid, seq) > ($1::xid8, $2) AND xid < $3::xid8
   AND ($4::timestamptz IS NULL OR happened_at >= $4)
 ORDER BY xid, seq
 LIMIT $5
@@ -270,7 +270,7 @@ def create_app(settings: Settings, pool: asyncpg.Pool) -> fastapi.FastAPI:
             after = (int(rows[-1]["xid"]), rows[-1]["seq"])
         if len(rows) < limit:
             # Every row below the horizon has been seen: skip to it, so polls stay cheap.
-            pass
+            after = max(after, (horizon - 1, _MAX_SEQ))
         next_cursor = Cursor(after[0], after[1], cursor.min_time)
         return Page(data=data, next=next_cursor.encode(), license=settings.license)
 

@@ -23,7 +23,7 @@ import structlog
 from gmqtt.mqtt.constants import MQTTv50
 from gmqtt.storage import PersistentStorage
 
-from service import outbox, topics
+from service import observability, outbox, topics
 from service.config import Settings
 
 log = structlog.get_logger("mqtt")
@@ -162,7 +162,11 @@ class Link:
     ) -> int:
         retained = bool(props.get("retain"))
         # One vehicle's messages are handled in arrival order; different vehicles in parallel.
-        async with self._order.hold("/".join(topic.split("/", 3)[:3])), self._slots:
+        async with (
+            observability.inbound(topic),
+            self._order.hold("/".join(topic.split("/", 3)[:3])),
+            self._slots,
+        ):
             await self.on_message(topic, payload, retained, self.subscribed_at)
         return 0  # PUBACK / PUBREC with success, after the commit
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import signal
 
-import asyncpg
 import typer
 
-from service import app as service_app
-from service import errors, logs
-from service.adapters import schema
+from service import errors
 from service.config import Settings
+
+# The service's heavy imports (FastAPI, gmqtt, firebase-admin) happen inside `serve` only, so the
+# other commands start quickly.
 
 
 def _settings() -> Settings:
@@ -25,6 +25,8 @@ def _settings() -> Settings:
 
 
 async def _serve(settings: Settings) -> None:
+    from service import app as service_app
+
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -37,6 +39,10 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _migrate(settings: Settings) -> list[str]:
+    import asyncpg
+
+    from service.adapters import schema
+
     conn = await asyncpg.connect(settings.database_url)
     try:
         return await schema.migrate(conn)
@@ -50,6 +56,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def serve() -> None:
         """Run the service (settings from CHARGESHARE_* environment variables)."""
+        from service import logs
+
         settings = _settings()
         logs.configure(settings.log_json)
         asyncio.run(_serve(settings))

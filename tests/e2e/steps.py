@@ -62,7 +62,9 @@ def public(event_type: str) -> Callable[[Seen], bool]:
 
 
 def error(code: str) -> Callable[[Seen], bool]:
-    return lambda s: s.topic.endswith("/chargeshare/error") and json.loads(s.payload)["code"] == code
+    return lambda s: (
+        s.topic.endswith("/chargeshare/error") and json.loads(s.payload)["code"] == code
+    )
 
 
 def status(**want: object) -> Callable[[Seen], bool]:

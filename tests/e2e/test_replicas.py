@@ -21,7 +21,9 @@ async def _answer_all(phone: Probe, owner: str, stop: asyncio.Event) -> None:
     """Answer every share question `always` and every abort question `station_fault`."""
     done: set[str] = set()
     while not stop.is_set():
-        for seen in phone.messages(lambda s: "/chargeshare/request/" in s.topic and bool(s.payload)):
+        for seen in phone.messages(
+            lambda s: "/chargeshare/request/" in s.topic and bool(s.payload)
+        ):
             q = json.loads(seen.payload)
             if q["request_id"] in done:
                 continue
@@ -43,7 +45,9 @@ async def test_two_replicas_share_the_work_and_detect_each_session_once(
     """Every vehicle's charge is one session with its place, energy and result, published once."""
     name, pw = owner
     a = service_settings(broker, database_url)
-    b = service_settings(broker, database_url, client_id=a.client_id + "-b", share_group=a.share_group)
+    b = service_settings(
+        broker, database_url, client_id=a.client_id + "-b", share_group=a.share_group
+    )
     car, phone = probe(name, pw), probe(name, pw)
     phone.subscribe(f"ovms/{name}/+/chargeshare/request/+")
     stop = asyncio.Event()
@@ -61,8 +65,8 @@ async def test_two_replicas_share_the_work_and_detect_each_session_once(
             vid = f"car{i}"
             steps.metrics(car, name, vid, {"v.c.kwh": str(10.0 + i)})
             if i % 3 == 0:
-                steps.metrics(car, name, vid, {"v.c.state": "stopped", "v.c.substate": "interrupted",
-                                               "v.c.charging": "no"})  # fmt: skip
+                abort = {"v.c.state": "stopped", "v.c.substate": "interrupted", "v.c.charging": "no"}
+                steps.metrics(car, name, vid, abort)
             else:
                 steps.finish(car, name, vid, kwh=str(10.0 + i))
         n_interrupted = len([v for v in expected.values() if v[1] == "interrupted"])

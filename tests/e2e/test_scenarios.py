@@ -28,7 +28,11 @@ async def _settled(db: asyncpg.Connection, sql: str, want: object, timeout: floa
 
 
 async def test_opted_out_vehicle_is_never_asked_or_published(
-    service: app.Service, owner: tuple[str, str], probe: Make, partner: Probe, db: asyncpg.Connection
+    service: app.Service,
+    owner: tuple[str, str],
+    probe: Make,
+    partner: Probe,
+    db: asyncpg.Connection,
 ) -> None:
     """A vehicle that never opted in charges: no question, nothing public, no place stored."""
     name, pw = owner
@@ -108,7 +112,11 @@ async def _pg_dump(url: str) -> str:
 
 
 async def test_pauses_are_one_session(
-    service: app.Service, owner: tuple[str, str], probe: Make, partner: Probe, db: asyncpg.Connection
+    service: app.Service,
+    owner: tuple[str, str],
+    probe: Make,
+    partner: Probe,
+    db: asyncpg.Connection,
 ) -> None:
     """timerwait, powerwait and heating inside one plug-in stitch into one published session."""
     name, pw = owner
@@ -143,7 +151,11 @@ async def test_pauses_are_one_session(
 
 
 async def test_owner_stop_and_answer_after_completion(
-    service: app.Service, owner: tuple[str, str], probe: Make, partner: Probe, db: asyncpg.Connection
+    service: app.Service,
+    owner: tuple[str, str],
+    probe: Make,
+    partner: Probe,
+    db: asyncpg.Connection,
 ) -> None:
     """Answered `once` after the owner stopped the charge: published completed, user cause."""
     name, pw = owner
@@ -152,8 +164,8 @@ async def test_owner_stop_and_answer_after_completion(
     steps.opt_in(phone, name, "ev1", nickname=None)
     steps.plug_in(car, name, "ev1", STATION)
     q = steps.body((await phone.wait_for(steps.question("share")))[0])
-    steps.metrics(car, name, "ev1", {"v.c.kwh": "5", "v.c.state": "stopped",
-                                     "v.c.substate": "onrequest", "v.c.charging": "no"})  # fmt: skip
+    stop = {"v.c.kwh": "5", "v.c.state": "stopped", "v.c.substate": "onrequest"}
+    steps.metrics(car, name, "ev1", {**stop, "v.c.charging": "no"})
     await _settled(db, "SELECT status FROM sessions", "stopped")
     assert partner.messages() == []
     steps.answer(phone, name, "ev1", str(q["request_id"]), "once", charge_point="3")
@@ -176,7 +188,11 @@ def _grid(state: str, substate: str, kwh: float, secs: int, where: tuple[float, 
 
 
 async def test_late_grid_log_is_placed_in_time_without_duplicates(
-    service: app.Service, owner: tuple[str, str], probe: Make, partner: Probe, db: asyncpg.Connection
+    service: app.Service,
+    owner: tuple[str, str],
+    probe: Make,
+    partner: Probe,
+    db: asyncpg.Connection,
 ) -> None:
     """Grid records three hours late make one session at the right time, even when resent."""
     name, pw = owner

@@ -43,7 +43,8 @@ async def test_scenario_ends_as_the_simulator_expects(
         for _ in range(200):
             rows = await db.fetch(
                 "SELECT s.status, s.energy_kwh, s.share FROM sessions s"
-                " JOIN vehicles v ON v.id = s.vehicle WHERE v.owner = $1 AND NOT s.is_open", name
+                " JOIN vehicles v ON v.id = s.vehicle WHERE v.owner = $1 AND NOT s.is_open",
+                name,
             )
             got = sorted(r["status"] for r in rows)
             if got == want:
@@ -51,7 +52,8 @@ async def test_scenario_ends_as_the_simulator_expects(
             await asyncio.sleep(0.05)
         assert got == want
         for exp, row in zip(
-            sorted(expected.sessions, key=lambda s: s.status), sorted(rows, key=lambda r: r[0]),
+            sorted(expected.sessions, key=lambda s: s.status),
+            sorted(rows, key=lambda r: r[0]),
             strict=True,
         ):
             assert row["energy_kwh"] == pytest.approx(exp.energy_kwh, abs=0.5)
@@ -64,5 +66,3 @@ async def test_scenario_ends_as_the_simulator_expects(
     finally:
         module.disconnect()
         phone.close()
-
-

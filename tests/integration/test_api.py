@@ -97,7 +97,9 @@ StartApi = Callable[..., Awaitable[Api]]
 
 
 @pytest.fixture
-async def start_api(pool: asyncpg.Pool, database_url: str, tmp_path: Path) -> AsyncIterator[StartApi]:
+async def start_api(
+    pool: asyncpg.Pool, database_url: str, tmp_path: Path
+) -> AsyncIterator[StartApi]:
     """Serve the API with uvicorn on a free loopback port, with these setting overrides."""
     servers: list[tuple[uvicorn.Server, asyncio.Task[None], httpx.AsyncClient]] = []
 
@@ -114,7 +116,9 @@ async def start_api(pool: asyncpg.Pool, database_url: str, tmp_path: Path) -> As
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
         async with asyncio.timeout(30):
-            while not server.started:
+            while True:  # uvicorn offers a flag, not an event
+                if server.started:
+                    break
                 await asyncio.sleep(0.01)
         client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False)
         servers.append((server, task, client))
@@ -388,9 +392,10 @@ async def test_following_next_during_concurrent_writes_misses_nothing(start_api:
     await asyncio.gather(*(writer(w) for w in range(writers)))
     done.set()
     results = await asyncio.gather(*readers)
-    stored = {(str(r["session"]), r["version"]) for r in await a.pool.fetch(
-        "SELECT session, version FROM publications"
-    )}
+    stored = {
+        (str(r["session"]), r["version"])
+        for r in await a.pool.fetch("SELECT session, version FROM publications")
+    }
     assert len(stored) == writers * (per_writer + per_writer // 3)
     for seen in results:
         assert len(seen) == len(set(seen)) and set(seen) == stored

@@ -11,7 +11,7 @@ from service.domain import sessions as s
 from service.domain.sessions import Share, Standing, Status
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-C, I, P, A = s.Status.CHARGING, s.Status.INTERRUPTED, s.Status.STOPPED, s.Status.COMPLETED
+C, I, P, A = s.Status.CHARGING, s.Status.INTERRUPTED, s.Status.STOPPED, s.Status.COMPLETED  # noqa: E741
 
 EVENTS: dict[str, s.Event] = {
     "end_completed": s.Ended(Status.COMPLETED),
@@ -37,7 +37,9 @@ def names(effects: tuple[s.Effect, ...]) -> list[str]:
     for e in effects:
         detail = getattr(e, "event_type", None) or getattr(e, "kind", None)
         answer = getattr(e, "answer", None)
-        out.append(type(e).__name__ + (f":{detail}" if detail else "") + (f":{answer}" if answer else ""))
+        out.append(
+            type(e).__name__ + (f":{detail}" if detail else "") + (f":{answer}" if answer else "")
+        )
     return out
 
 

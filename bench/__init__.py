@@ -1,0 +1,1 @@
+"""Benchmarks of the ChargeShare service against raw baselines (`python -m bench`)."""
