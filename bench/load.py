@@ -196,7 +196,9 @@ class Fleet:
             m.tick(CHARGING_INTERVAL_S)
             yield CHARGING_INTERVAL_S
 
-    def _story(self, car: Car, first_idle: float) -> Generator[float, None, None]:
+    def _story(
+        self, car: Car, first_idle: float, first_charge: float | None
+    ) -> Generator[float, None, None]:
         m, rng, lat = car.module, self.rng, self.latency
         yield from self._idle(m, first_idle)
         names = list(STORY_WEIGHTS)
@@ -204,13 +206,14 @@ class Fleet:
         while True:
             m.drive_to(car.lat, car.lon)
             yield 30.0
-            if car.charged:  # a place answered `always` publishes at once; the first one asks
-                lat.mark(car.index, "session.started")
+            # The first start at a place is published once the owner's app answers `always`.
+            lat.mark(car.index, "session.started")
             m.plug_in(car.lat, car.lon, "type2" if car.index % 3 else "ccs")
             car.charged += 1
             yield CHARGING_INTERVAL_S
             story = rng.choices(names, weights)[0]
-            charge_s = rng.uniform(*CHARGE_S)
+            charge_s = rng.uniform(*CHARGE_S) if first_charge is None else first_charge
+            first_charge = None
             if story == "paused":
                 yield from self._charge(m, charge_s / 2)
                 m.pause("timerwait")
@@ -232,16 +235,26 @@ class Fleet:
             m.unplug()
             yield from self._idle(m, rng.uniform(*IDLE_S))
 
-    def begin(self) -> None:
-        """Give every vehicle its story: about SHARE_CHARGING of them plug in right away."""
+    def begin(self) -> int:
+        """Start every story as if the fleet had run for long; return how many plug in now.
+
+        About SHARE_CHARGING of the vehicles plug in within 10 firmware seconds and charge for
+        what is left of a charge (uniform), so completions are spread from the start; the
+        others are idle for what is left of an idle spell.
+        """
         now = time.monotonic()
+        plugging = 0
         for car in self.cars:
+            first_charge: float | None = None
             if self.rng.random() < SHARE_CHARGING:
-                first_idle = self.rng.uniform(0, 60)
+                first_idle = self.rng.uniform(0, 10)
+                first_charge = self.rng.uniform(CHARGING_INTERVAL_S, CHARGE_S[1])
+                plugging += 1
             else:
                 first_idle = self.rng.uniform(0, IDLE_S[1])
-            car.steps = self._story(car, first_idle)
+            car.steps = self._story(car, first_idle, first_charge)
             heapq.heappush(self._heap, (now + self._wait(car), next(self._order), car))
+        return plugging
 
     def _wait(self, car: Car) -> float:
         assert car.steps is not None

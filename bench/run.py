@@ -202,7 +202,7 @@ class Run:
                     try:
                         if k == 0:
                             out["seed_s"] = await self.seed(clients, fleet, t_ids, db)
-                            fleet.begin()
+                            out["plug_in_s"] = await self.plug_in(fleet, db)
                         phase = await self.phase(n, replicas, k, svcs, clients, fleet, t_ids, db)
                         phase["peak_rss_mib"] = [s.peak_rss_kb() / 1024 for s in svcs]
                         out["phases"].append(phase)
@@ -247,6 +247,20 @@ class Run:
             await asyncio.sleep(0.5)
         seconds = time.monotonic() - t0
         self.say(f"  seeded {len(ids)} opt-ins in {seconds:.1f} s")
+        return seconds
+
+    async def plug_in(self, fleet: load.Fleet, db: Any) -> float:
+        """Start the stories; wait until the vehicles charging from the start have sessions."""
+        t0 = time.monotonic()
+        plugging = fleet.begin()
+        fleet.resume()
+        while time.monotonic() - t0 < 300:
+            if await db.fetchval("SELECT count(*) FROM sessions") >= 0.95 * plugging:
+                break
+            await asyncio.sleep(0.5)
+        fleet.pause()
+        seconds = time.monotonic() - t0
+        self.say(f"  {plugging} vehicles plugged in; their sessions open after {seconds:.1f} s")
         return seconds
 
     async def phase(

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
+from firmware_sim import demo_channels as channels
 from firmware_sim.app import OwnerApp, Seen
 from firmware_sim.module import Module, ModuleError
 from firmware_sim.partner import PartnerListener, Received
@@ -336,6 +337,75 @@ def nothing_near_home(ctx: Context) -> bool:
     return not leaked
 
 
+def register_phones(ctx: Context) -> bool:
+    for app_id, platform, token in channels.PHONES:
+        ctx.app.register_push(app_id, platform, token)  # type: ignore[arg-type]
+        ctx.console.print(f"    {app_id}: {platform} token {token[:12]}…")
+    return True
+
+
+def _buzz(ctx: Context, key: str) -> bool:
+    rid = ctx.notes.get(key)
+    log = ctx.notes.get("push_log")
+    if not rid or log is None:
+        return False
+    got = channels.wait_notifications(log, rid, ctx.timeout)
+    for n in got:
+        name = channels.PHONE_NAMES.get(n.get("platform", ""), n.get("platform"))
+        ctx.console.print(
+            f"    📱 {name}: {n.get('body')!r} (request {str(rid)[:8]}…, {n.get('kind')})"
+        )
+    return {n.get("platform") for n in got} >= {p for _, p, _ in channels.PHONES}
+
+
+def phones_buzz_share(ctx: Context) -> bool:
+    return _buzz(ctx, "share_rid")
+
+
+def phones_buzz_abort(ctx: Context) -> bool:
+    return _buzz(ctx, "abort_rid")
+
+
+def phones_buzz_home(ctx: Context) -> bool:
+    return _buzz(ctx, "home_rid")
+
+
+def webhook_partner(ctx: Context) -> bool:
+    receiver: channels.Receiver = ctx.notes["receiver"]
+    ok = receiver.wait(3, ctx.timeout)
+    for e in receiver.events:
+        s = e["session"]
+        ctx.console.print(
+            f"    🔏 {e['type']} v{s['version']} ({s['status']}, cause {s['cause']}), signature ok"
+        )
+    types = [e["type"] for e in receiver.events]
+    wanted = ["session.started", "session.interrupted", "session.updated"]
+    near_home = [
+        e for e in receiver.events if _near(e["session"]["latitude"], e["session"]["longitude"],
+                                            ctx.home)
+    ]  # fmt: skip
+    return ok and types[:3] == wanted and not receiver.bad_signatures and not near_home
+
+
+def pull_everything(ctx: Context) -> bool:
+    records = channels.pull_all(ctx.env["CHARGESHARE_API_URL"], ctx.notes["api_key"])
+    latest: dict[str, dict[str, Any]] = {}
+    for r in records:
+        latest[r["id"]] = r
+    ctx.console.print(f"    {len(records)} changes, {len(latest)} sessions in the feed")
+    ours = [r for r in latest.values() if _near(r["latitude"], r["longitude"], ctx.station)]
+    for r in ours:
+        ctx.console.print(
+            f"    {r['id'][:8]}… v{r['version']} {r['status']} cause {r['cause']}, "
+            f"{r['energy_kwh']} kWh, {r['license']}"
+        )
+    near_home = [r for r in latest.values() if _near(r["latitude"], r["longitude"], ctx.home)]
+    return (
+        any(r["status"] == "interrupted" and r["cause"] == "station_fault" for r in ours)
+        and not near_home
+    )
+
+
 STORY: list[Step] = [
     Step("Jimbo opts in (nickname Jimbo)", opt_in),
     Step("He plugs in at a public station never used before", plug_in_public),
@@ -350,7 +420,45 @@ STORY: list[Step] = [
     Step("He charges at home; a question appears (kind share)", plug_in_home),
     Step('He answers "never"', answer_never),
     Step("The partner never receives anything near home", nothing_near_home),
-]
+    Step("The webhook partner got every event, signed, and nothing near home", webhook_partner),
+    Step("A pull of everything shared shows the station's session, and nothing near home",
+         pull_everything),
+]  # fmt: skip
+PUSH_STEPS: dict[str, Step] = {  # inserted after the step of the same title when push is on
+    "Jimbo opts in (nickname Jimbo)": Step("His two phones register for push", register_phones),
+    "A question appears (kind share)": Step("Both phones buzz", phones_buzz_share),
+    "An abort_reason question appears": Step("Both phones buzz again", phones_buzz_abort),
+    "He charges at home; a question appears (kind share)": Step(
+        "Both phones buzz about home", phones_buzz_home
+    ),
+}
+
+
+def story(push: bool) -> list[Step]:
+    """The story's steps, with the phones' steps when the fake push servers run."""
+    steps: list[Step] = []
+    for step in STORY:
+        steps.append(step)
+        if push and step.title in PUSH_STEPS:
+            steps.append(PUSH_STEPS[step.title])
+    return steps
+
+
+def ensure_webhook_partner(env: dict[str, str], state: dict[str, Any], runs: int) -> Any:
+    """Sign up this run's webhook partner (its receiver's port is new each run)."""
+    receiver = channels.Receiver()
+    url = receiver.start()
+    old = state.get("hook_partner")
+    if old:
+        chargeshare(env, "partner", "remove", str(old), "--json")
+    name = f"demo-hook-{runs + 1}"
+    creds = _json_out(
+        chargeshare(env, "partner", "add", name, "--webhook", url, "--json"),
+        "partner add --webhook",
+    )
+    receiver.secret = str(creds["webhook_secret"])
+    state["hook_partner"] = name
+    return receiver, str(creds["api_key"])
 
 
 def main(
@@ -375,6 +483,11 @@ def main(
         console.print(f"[red]✗ cannot start the demo: {exc}[/red]")
         return False
     runs = int(state.get("runs", 0))
+    try:
+        receiver, api_key = ensure_webhook_partner(env, state, runs)
+    except (DemoError, OSError, subprocess.TimeoutExpired) as exc:
+        console.print(f"[red]✗ cannot start the demo: {exc}[/red]")
+        return False
     state.update(owner_password=password, runs=runs + 1)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps(state, indent=2) + "\n")
@@ -399,9 +512,15 @@ def main(
             close()
         return False
     ctx = Context(env, console, timeout, module, owner_app, partner, station, home)
+    ctx.notes.update(receiver=receiver, api_key=api_key)
+    push_log = os.environ.get("CHARGESHARE_DEMO_PUSH_LOG")
+    if push_log:
+        ctx.notes["push_log"] = Path(push_log)
+    else:
+        console.print("    (no fake push servers: phones are left out; `make demo` runs them)")
     results: list[bool] = []
     try:
-        for step in [*STORY, *EXTRA_STEPS, *(extra_steps or [])]:
+        for step in [*story(bool(push_log)), *EXTRA_STEPS, *(extra_steps or [])]:
             try:
                 ok = step.run(ctx)
             except Exception as exc:  # a step that crashes is a failed step, the demo goes on
@@ -414,6 +533,7 @@ def main(
         module.disconnect()
         owner_app.close()
         partner.close()
+        receiver.stop()
     passed = sum(results)
     console.rule(
         f"[green]all {passed} steps happened[/green]"

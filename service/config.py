@@ -66,7 +66,7 @@ class Settings:
     push_timeout_s: float = 10.0
     push_platform_inflight: int = 8  # sends at once to one of FCM / APNs: a slow one waits alone
     owner_message_rate: float = 50.0  # inbound MQTT messages per second per owner (per replica)
-    owner_message_burst: int = 1000
+    owner_message_burst: int = 5000  # a reconnect flushes every metric and queued grid logs
     owner_rate_notice_s: float = 60.0  # at most one rate_limited error per owner this often
     metrics_sample_s: float = 15.0  # how often database gauges (sessions, outbox) are refreshed
     broker_dir: Path | None = None  # where passwd/acl live, for `owner add` and `partner add`

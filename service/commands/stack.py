@@ -210,6 +210,8 @@ def stack_env(lay: Layout, ports: dict[str, int]) -> dict[str, str]:
         "CHARGESHARE_BROKER_DIR": str(broker.directory),
         "CHARGESHARE_BROKER_PID_FILE": str(broker.pid_file),
         "CHARGESHARE_LOCATION_SECRET_FILE": str(lay.secret_file),
+        # The local stack is for development: partners' webhooks may be plain http on loopback.
+        "CHARGESHARE_WEBHOOK_ALLOW_HTTP_LOOPBACK": "1",
     }
 
 
