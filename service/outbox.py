@@ -173,8 +173,11 @@ class Dispatcher:
                 if len(rows) == free and free > 0:
                     continue  # more may be due
                 self._wake.clear()
+                # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event
+                # is set, and the loop would then never stop.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s if rows else 0.5)
+                    async with asyncio.timeout(self.poll_s if rows else 0.5):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
         finally:
