@@ -38,6 +38,8 @@ def parse(argv: list[str]) -> tuple[Config, argparse.Namespace]:
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "latest.json")
     p.add_argument("--notes", type=Path, help="markdown appended to the report")
     p.add_argument("--no-report", action="store_true", help="only print and save JSON")
+    p.add_argument("--from-json", type=Path, help="do not measure: rewrite the report from JSON")
+    p.add_argument("--command", help="the command to name in the report (with --from-json)")
     a = p.parse_args(argv)
     speedups = {}
     for part in filter(None, a.speedups.split(",")):
@@ -62,13 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     """Run, save the JSON results and write the report."""
     argv = sys.argv[1:] if argv is None else argv
     cfg, a = parse(argv)
-    results = asyncio.run(Run(cfg).main())
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps(results, indent=1))
-    print(f"results: {a.results}")
+    if a.from_json:
+        results = json.loads(a.from_json.read_text())
+    else:
+        results = asyncio.run(Run(cfg).main())
+        a.results.parent.mkdir(parents=True, exist_ok=True)
+        a.results.write_text(json.dumps(results, indent=1))
+        print(f"results: {a.results}")
     if not a.no_report:
         notes = a.notes.read_text() if a.notes else ""
-        command = " ".join(["python -m bench", *map(shlex.quote, argv)])
+        command = a.command or " ".join(["python -m bench", *map(shlex.quote, argv)])
         md = report.write(results, a.docs, command, notes)
         print(f"report: {md}")
 

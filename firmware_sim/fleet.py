@@ -113,11 +113,13 @@ class Fleet:
         tls_ca: str | None = None,
         seed: int | None = None,
         connects_per_tick: int = 50,
+        start_spread_s: float = IDLE_INTERVAL_S,
     ) -> None:
         cap = max_vehicles()
         if vehicles > cap:
             raise ValueError(f"{vehicles} vehicles need more open files than allowed (cap {cap})")
         self.speed, self.connects_per_tick = speed, connects_per_tick
+        self.start_spread_s = start_spread_s  # first plug-ins spread over this (firmware s)
         self.rng = random.Random(seed)
         self.mix = mix or DEFAULT_MIX
         self.selector = selectors.DefaultSelector()
@@ -196,7 +198,8 @@ class Fleet:
                 return
             car.rounds_left -= 1
             car.story = self._pick()
-            car.steps = scenarios.STORIES[car.story](car.module)
+            story = scenarios.STORIES.get(car.story) or scenarios.BRIEF_STORIES[car.story]
+            car.steps = story(car.module)
             self.stats.stories[car.story] = self.stats.stories.get(car.story, 0) + 1
         try:
             wait = next(car.steps)
@@ -236,7 +239,7 @@ class Fleet:
         console = console or Console()
         for car in self.cars:
             # Spread the first plug-ins over one idle interval, as real cars would be.
-            self._schedule(car, self.rng.uniform(0, IDLE_INTERVAL_S))
+            self._schedule(car, self.rng.uniform(0, self.start_spread_s))
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         last_misc = last_draw = 0.0
         with Live(self.stats.table(), console=console, refresh_per_second=4) as live:
@@ -284,7 +287,9 @@ class Fleet:
         self.selector.close()
 
 
-def parse_mix(text: str | None, names: Sequence[str] = tuple(scenarios.STORIES)) -> dict[str, int]:
+def parse_mix(
+    text: str | None, names: Sequence[str] = (*scenarios.STORIES, *scenarios.BRIEF_STORIES)
+) -> dict[str, int]:
     """Parse `completed=4,home=2,jimbo` into weights (default weight 1)."""
     if not text:
         return dict(DEFAULT_MIX)

@@ -235,6 +235,75 @@ STORIES: dict[str, Story] = {
 }
 
 
+# ---- brief stories: the same behaviours in 1-3 minutes of firmware time (fault tests, fleets) --
+
+BRIEF_IDLE_S = 30  # the brief stories' last wait: long enough for the service to settle
+
+
+def brief_completed(m: Module) -> Steps:
+    """Fast-charge on CCS for 90 seconds until done."""
+    yield from _arrive(m, RAPID_HUB)
+    charge = yield from _plug(m, RAPID_HUB, "ccs", voltage=400.0, current=120.0)
+    yield from _charge_for(m, 90)
+    m.finish()
+    yield 30
+    m.unplug()
+    yield BRIEF_IDLE_S
+    return _expected("brief-completed", m, [charge], RAPID_HUB, share="always")
+
+
+def brief_interrupted(m: Module) -> Steps:
+    """Fast-charge on CCS; the station faults after a minute."""
+    yield from _arrive(m, RAPID_HUB)
+    charge = yield from _plug(m, RAPID_HUB, "ccs", voltage=400.0, current=110.0)
+    yield from _charge_for(m, 60)
+    m.abort("interrupted")
+    yield 30
+    m.unplug()
+    yield BRIEF_IDLE_S
+    return _expected(
+        "brief-interrupted", m, [charge], RAPID_HUB, share="always", abort="station_fault"
+    )
+
+
+def brief_paused(m: Module) -> Steps:
+    """Charge, wait on a timer for 30 seconds inside the same plug-in, charge again, finish."""
+    yield from _arrive(m, SUPERMARKET)
+    charge = yield from _plug(m, SUPERMARKET, "type2", current=16.0)
+    yield from _charge_for(m, 40)
+    m.pause("timerwait")
+    yield 30
+    m.resume()
+    yield from _charge_for(m, 40)
+    m.finish()
+    yield 30
+    m.unplug()
+    yield BRIEF_IDLE_S
+    return _expected("brief-paused", m, [charge], SUPERMARKET, share="always")
+
+
+def brief_owner_stop(m: Module) -> Steps:
+    """Charge at a public station; the owner stops it after a minute."""
+    yield from _arrive(m, PUBLIC_STATION)
+    charge = yield from _plug(m, PUBLIC_STATION, "type2")
+    yield from _charge_for(m, 60)
+    m.stop_by_owner()
+    yield 30
+    m.unplug()
+    yield BRIEF_IDLE_S
+    return _expected(
+        "brief-owner-stop", m, [charge], PUBLIC_STATION, share="always", abort="user_interrupted"
+    )
+
+
+BRIEF_STORIES: dict[str, Story] = {
+    "brief-completed": brief_completed,
+    "brief-interrupted": brief_interrupted,
+    "brief-paused": brief_paused,
+    "brief-owner-stop": brief_owner_stop,
+}
+
+
 def run(
     story: str | Story,
     m: Module,
@@ -243,7 +312,10 @@ def run(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Expected:
     """Play a story on a connected module; sleep `speed` times each firmware wait (0: never)."""
-    steps = STORIES[story](m) if isinstance(story, str) else story(m)
+    if isinstance(story, str):
+        steps = (STORIES.get(story) or BRIEF_STORIES[story])(m)
+    else:
+        steps = story(m)
     try:
         while True:
             wait = next(steps)

@@ -12,7 +12,7 @@ import asyncpg
 import structlog
 import uvicorn
 
-from service import handler, observability, outbox, ratelimit, settle
+from service import handler, observability, outbox, ratelimit, retention, settle
 from service.adapters import api, mqtt, push, schema, webhook_delivery
 from service.config import Settings
 
@@ -54,9 +54,7 @@ class Service:
 @contextlib.asynccontextmanager
 async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncIterator[Service]:
     """Run the whole service until the context exits."""
-    secrets = [settings.require_secret()]
-    if settings.location_secret_previous:
-        secrets.append(settings.location_secret_previous)
+    secrets = settings.location_keys()
     async with contextlib.AsyncExitStack() as stack:
         pool = await connect_pool(settings)
         stack.push_async_callback(pool.close)
@@ -90,6 +88,7 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
         wakers.append(outbox.Dispatcher(pool, hooks, backoff_cap_s=3600.0))
         await stack.enter_async_context(loops)
         loops.create_task(judge.run(), name="settle")
+        loops.create_task(retention.loop(pool, settings, handler.utcnow), name="retention")
         loops.create_task(observability.sample(pool, settings.metrics_sample_s), name="metrics")
         for d in wakers:
             loops.create_task(d.run(), name=f"outbox-{d.deliverer.kind}")

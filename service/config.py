@@ -153,6 +153,13 @@ class Settings:
             log_json=None if not log_json else log_json.lower() in ("1", "true", "yes"),
         )
 
+    def location_keys(self) -> list[bytes]:
+        """Return the keys lookups accept: the current one first, then the previous one."""
+        keys = [self.require_secret()]
+        if self.location_secret_previous:
+            keys.append(self.location_secret_previous)
+        return keys
+
     def require_secret(self) -> bytes:
         """Return the location secret, or raise ConfigError saying how to set it."""
         if len(self.location_secret) < 16:

@@ -113,6 +113,10 @@ def _transient() -> tuple[type[BaseException], ...]:
         asyncpg.SerializationError,
         asyncpg.DeadlockDetectedError,
         asyncpg.AdminShutdownError,
+        # A pooled connection the server cut while it was idle fails its next use this way
+        # ("cannot switch to state …; another operation (2) is in progress"); the pool then
+        # replaces it, so a retry succeeds.
+        asyncpg.InternalClientError,
     )
 
 

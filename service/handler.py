@@ -7,6 +7,7 @@ message is answered on `P chargeshare/error`, logged once, and acked: it must no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -45,9 +46,7 @@ class Handler:
     ) -> None:
         self.pool = pool
         self.settings = settings
-        self.secrets = [settings.require_secret()]
-        if settings.location_secret_previous:
-            self.secrets.append(settings.location_secret_previous)
+        self.secrets = settings.location_keys()
         self.wake = wake
         self.clock = clock
 
@@ -216,7 +215,7 @@ class Handler:
             v = await store.lock_vehicle(conn, p.owner, p.vehicle)
             nickname = m.nickname if m.enabled else v.nickname
             await conn.execute(store.SET_OPTIN, v.pk, m.enabled, nickname, v.handle)
-            v = await store.lock_vehicle(conn, p.owner, p.vehicle)
+            v = dataclasses.replace(v, opted_in=m.enabled, nickname=nickname)
             ctx = Ctx(conn, self.settings, now, v)
             if not m.enabled:
                 for r in await conn.fetch(store.PENDING_FOR_VEHICLE, v.pk):

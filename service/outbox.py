@@ -19,6 +19,7 @@ import asyncpg
 import structlog
 
 from service import observability
+from service.errors import TRANSIENT
 
 log = structlog.get_logger("outbox")
 
@@ -163,7 +164,7 @@ class Dispatcher:
                     try:
                         async with self.pool.acquire() as conn:
                             rows = await conn.fetch(LEASE, kind, free, self.lease_s)
-                    except (OSError, asyncpg.PostgresError) as exc:
+                    except (*TRANSIENT, asyncpg.PostgresError) as exc:
                         log.warning("outbox lease failed; will retry", kind=kind, error=str(exc))
                         await asyncio.sleep(1.0)
                 for r in rows:
@@ -215,7 +216,7 @@ class Dispatcher:
                             outbox_id=row.id,
                             reason=outcome.reason,
                         )
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (*TRANSIENT, asyncpg.PostgresError) as exc:
             # The lease runs out and the row is delivered again: at least once.
             log.warning("outbox update failed", kind=row.kind, outbox_id=row.id, error=str(exc))
         self._wake.set()

@@ -23,7 +23,8 @@ async def find_or_add(
     current_key = privacy.key_id(secrets[0])
     if found is not None:
         if found["key_id"] != current_key:
-            await _rekey(ctx, found["id"], secrets[0], v.salt, lat, lon, current_key)
+            _, cell = wanted[bytes(found["cell_hash"])]
+            await _rekey(ctx, found["id"], secrets[0], v.salt, cell, current_key)
         return found["id"], sessions.Standing(found["answer"])
     place_id: int = await ctx.conn.fetchval(store.NEW_PLACE, v.pk)
     cell = privacy.cell_of(lat, lon)
@@ -33,11 +34,8 @@ async def find_or_add(
     return place_id, sessions.Standing.PENDING
 
 
-async def _rekey(
-    ctx: Ctx, place_id: int, secret: bytes, salt: bytes, lat: float, lon: float, key: str
-) -> None:
-    # The place's own cell is unknown (only its hash is stored); the cell of this fix, which lies
-    # within the fence, stands in for it from now on.
-    cell = privacy.cell_of(lat, lon)
+async def _rekey(ctx: Ctx, place_id: int, secret: bytes, salt: bytes, cell: str, key: str) -> None:
+    # `cell` is the place's own cell: the lookup learnt it when its old-key hash matched, so the
+    # place keeps its position (and its fence) under the new key.
     await ctx.conn.execute(store.ADD_CELL, privacy.cell_hash(secret, salt, cell), key, place_id)
     await ctx.conn.execute(store.REKEY_CELLS, place_id, key)

@@ -8,6 +8,7 @@ whichever replica claims the vehicle first (FOR UPDATE SKIP LOCKED).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -253,7 +254,7 @@ class Loop:
                 log.warning("settle round failed; will retry", error=str(exc))
                 await asyncio.sleep(1.0)
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), poll)
-            except TimeoutError:
-                pass
+            # Not asyncio.wait_for: on 3.11 it can swallow a cancel that lands as the event is set.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    await self._wake.wait()

@@ -125,7 +125,8 @@ SET_OPTIN = "UPDATE vehicles SET opted_in = $2, nickname = $3, handle = $4 WHERE
 # ---- places ------------------------------------------------------------------------------------
 
 FIND_PLACE = """
-SELECT l.id, l.answer, c.key_id FROM location_cells c JOIN locations l ON l.id = c.location
+SELECT l.id, l.answer, c.key_id, c.cell_hash
+FROM location_cells c JOIN locations l ON l.id = c.location
 WHERE c.cell_hash = ANY($1::bytea[]) AND l.vehicle = $2
 ORDER BY l.id LIMIT 1
 """

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
 
-from service import errors
-from service.adapters import accounts
+from service import errors, logs
+from service.adapters import accounts, owners
 from service.config import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -75,13 +76,51 @@ def add(
 @app.command("remove")
 def remove(
     name: Annotated[str, typer.Argument(help="Account name.")],
+    erase: Annotated[
+        bool,
+        typer.Option(
+            "--erase",
+            help="Also delete everything stored about the owner and anonymise what was published.",
+        ),
+    ] = False,
+    retract: Annotated[
+        bool,
+        typer.Option("--retract", help="With --erase: retract what was published instead."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Delete an owner account (its vehicles' rows cascade) and its broker login."""
+    if retract and not erase:
+        raise fail("--retract only goes with --erase")
+    done = owners.Erased()
 
     async def work(conn: asyncpg.Connection, settings: Settings) -> None:
-        # --erase / --retract plug in here as `before_delete`, inside the same transaction.
-        await accounts.remove_owner(conn, settings, name, before_delete=None)
+        hook = None
+        if erase:
+            logs.configure(settings.log_json)  # the erasure logs its effects: on stderr
+            hook = owners.eraser(settings, retract=retract, now=datetime.now(UTC), into=done)
+        await accounts.remove_owner(conn, settings, name, before_delete=hook)
 
     run_with_db(work)
-    emit(as_json, {"name": name, "removed": True}, f"removed owner {name}")
+    obj: dict[str, Any] = {"name": name, "removed": True, "erased": erase}
+    text = f"removed owner {name}"
+    if erase:
+        obj.update(anonymised=done.anonymised, retracted=done.retracted)
+        text += (
+            f"; erased: {done.anonymised} published sessions anonymised, {done.retracted} retracted"
+        )
+    emit(as_json, obj, text)
+
+
+@app.command("export")
+def export(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Print everything stored about an owner as JSON (push tokens masked)."""
+
+    async def work(conn: asyncpg.Connection, settings: Settings) -> dict[str, Any]:
+        return await owners.export(conn, name)
+
+    data = run_with_db(work)
+    typer.echo(json.dumps(data) if as_json else json.dumps(data, indent=2, ensure_ascii=False))

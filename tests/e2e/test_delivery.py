@@ -50,6 +50,10 @@ async def test_outbox_written_while_down_is_published_after_restart(
 
     async with app.running(settings, api_enabled=False):
         started = (await partner.wait_for(steps.public("session.started")))[0]
+        for _ in range(200):
+            if await db.fetchval("SELECT count(*) FROM outbox WHERE kind = 'mqtt'") == 0:
+                break
+            await asyncio.sleep(0.05)
     record = json.loads(started.payload)["session"]
     assert record["contributor"] == "N" and record["connector"] == "ccs"
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE kind = 'mqtt'") == 0
