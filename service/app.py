@@ -83,15 +83,20 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
         wakers.append(outbox.Dispatcher(pool, mqtt.MqttDeliverer(events), concurrency=64))
         pusher = push.build(settings, pool)
         if pusher is not None:
+            await stack.enter_async_context(pusher)  # closes the FCM and APNs clients
             wakers.append(outbox.Dispatcher(pool, pusher))
         hooks = await stack.enter_async_context(webhook_delivery.build(settings, pool))
-        wakers.append(outbox.Dispatcher(pool, hooks, backoff_cap_s=3600.0))
+        # Each partner holds at most `webhook_partner_inflight` slots; many slow partners need many.
+        wakers.append(outbox.Dispatcher(pool, hooks, concurrency=64, backoff_cap_s=3600.0))
         await stack.enter_async_context(loops)
-        loops.create_task(judge.run(), name="settle")
-        loops.create_task(retention.loop(pool, settings, handler.utcnow), name="retention")
-        loops.create_task(observability.sample(pool, settings.metrics_sample_s), name="metrics")
-        for d in wakers:
-            loops.create_task(d.run(), name=f"outbox-{d.deliverer.kind}")
+        tasks = [
+            loops.create_task(judge.run(), name="settle"),
+            loops.create_task(retention.loop(pool, settings, handler.utcnow), name="retention"),
+            loops.create_task(
+                observability.sample(pool, settings.metrics_sample_s), name="metrics"
+            ),
+        ]
+        tasks += [loops.create_task(d.run(), name=f"outbox-{d.deliverer.kind}") for d in wakers]
         server = None
         if api_enabled:
             config = uvicorn.Config(
@@ -108,10 +113,9 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
             yield Service(settings, pool, h, events, metrics)
         finally:
             if server is not None:
-                server.should_exit = True
-            for task in list(loops._tasks):
-                if task.get_name() != "api":
-                    task.cancel()
+                server.should_exit = True  # uvicorn finishes its requests, then its task ends
+            for task in tasks:
+                task.cancel()
 
 
 async def serve(settings: Settings) -> None:

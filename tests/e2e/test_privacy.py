@@ -279,9 +279,9 @@ async def test_never_retracts_on_mqtt_webhooks_and_pull(
     feed = [r for r in await public.feed() if r["id"] == session_id]
     assert [r["version"] for r in feed] == [1, 2, 3]
     for rec in (gone["session"], hooked[0]["session"], latest, *feed):
-        assert rec["id"] == session_id and rec["status"] == "retracted"  # type: ignore[index]
+        assert rec["id"] == session_id and rec["status"] == "retracted"
         for key in ("latitude", "longitude", "station", "charge_point", "comment"):
-            assert rec[key] is None, key  # type: ignore[index]
+            assert rec[key] is None, key
     assert latest["version"] == 3 and len(hooked) == 1
 
 
