@@ -26,6 +26,10 @@ from service.errors import TRANSIENT
 
 log = structlog.get_logger("handler")
 
+SNAPSHOT_CHECK = """
+SELECT metrics_at, metrics ->> $3 AS value FROM vehicles WHERE owner = $1 AND vehicle_id = $2
+"""
+PHASE_METRICS = frozenset({"v.c.charging", "v.c.state", "v.c.substate"})
 TRACKED = frozenset({"v.c.kwh", "v.c.power", "v.c.voltage", "v.c.current", "v.b.soc", "v.c.type"})
 
 
@@ -141,6 +145,8 @@ class Handler:
         if reason is not None:
             raise errors.InvalidPayload(topic, reason)
         now = self.clock()
+        if retained and since is not None and await self._snapshot_stale(p, name, value, since):
+            return
         async with self.pool.acquire() as conn, conn.transaction():
             v = await store.lock_vehicle(conn, p.owner, p.vehicle)
             if (
@@ -159,9 +165,14 @@ class Handler:
                     return
                 metrics[name] = value
             judge_at, changed_at = v.judge_at, v.changed_at
-            if detect.phase_of(metrics).value != v.phase and judge_at is None:
-                judge_at = now + timedelta(seconds=self.settings.settle_s)
-                changed_at = now
+            if detect.phase_of(metrics).value != v.phase:
+                settled = now + timedelta(seconds=self.settings.settle_s)
+                if judge_at is None:
+                    judge_at, changed_at = settled, now
+                elif name in PHASE_METRICS:
+                    # The module sends state, substate and charging one by one: a burst that
+                    # queues up here is judged once its last phase metric is in, not before.
+                    judge_at = max(judge_at, settled)
             await store.save_metrics(
                 conn, v.pk, metrics, position, now, judge_at, changed_at, live=not retained
             )
@@ -179,6 +190,20 @@ class Handler:
                 )
         if judge_at is not None:
             self.wake()
+
+    async def _snapshot_stale(
+        self, p: topics.Parsed, name: str, value: str, since: datetime
+    ) -> bool:
+        """Tell, without a lock, whether a retained metric is sure to change nothing."""
+        # A (re)subscribing replica gets every retained metric at once: most of them say what
+        # is already stored, and locking each vehicle for them would delay the live stream.
+        async with self.pool.acquire() as conn:
+            r = await conn.fetchrow(SNAPSHOT_CHECK, p.owner, p.vehicle, name)
+        if r is None:
+            return False
+        if r["metrics_at"] is not None and r["metrics_at"] >= since:
+            return True
+        return name in detect.KEPT_METRICS and r["value"] == value
 
     def _moved(self, v: store.Vehicle, name: str, value: float) -> bytes:
         lat, lon = math.nan, math.nan

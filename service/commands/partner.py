@@ -2,53 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import asyncpg
 import typer
 
-from service import errors, wire
+from service import wire
 from service.adapters import partners
-from service.config import Settings
+from service.commands.common import run_with_db
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
 
-T = TypeVar("T")
-
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 Name = Annotated[str, typer.Argument(help="Partner name.")]
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def _run(work: Callable[[asyncpg.Connection, Settings], Awaitable[T]]) -> T:
-    """Run `work` with the settings and one database connection; exit 1 on a known failure."""
-    try:
-        settings = Settings.from_env()
-    except errors.ConfigError as exc:
-        raise _fail(str(exc)) from None
-
-    async def go() -> T:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            return await work(conn, settings)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(go())
-    except errors.ChargeShareError as exc:
-        raise _fail(str(exc)) from None
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise _fail(f"database {settings.database_url}: {exc}") from None
 
 
 def _jsonable(obj: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +36,7 @@ def add(
     as_json: JsonFlag = False,
 ) -> None:
     """Sign a partner up; print its MQTT login, API key and webhook secret (shown only now)."""
-    creds = _run(lambda conn, settings: partners.add(conn, settings, name, webhook))
+    creds = run_with_db(lambda conn, settings: partners.add(conn, settings, name, webhook))
     if as_json:
         _print(asdict(creds))
         return
@@ -85,7 +53,7 @@ def add(
 @app.command("list")
 def list_(as_json: JsonFlag = False) -> None:
     """Show every partner."""
-    found = _run(lambda conn, settings: partners.list_all(conn))
+    found = run_with_db(lambda conn, settings: partners.list_all(conn))
     rows = [_jsonable(asdict(p)) for p in found]
     if as_json:
         _print({"partners": rows})
@@ -119,7 +87,7 @@ def rotate_key(
     as_json: JsonFlag = False,
 ) -> None:
     """Issue a new API key (shown only now); the old one stops after the grace period."""
-    key = _run(lambda conn, settings: partners.rotate_key(conn, name, grace_s=grace_s))
+    key = run_with_db(lambda conn, settings: partners.rotate_key(conn, name, grace_s=grace_s))
     if as_json:
         _print({"name": name, "api_key": key})
     else:
@@ -129,7 +97,7 @@ def rotate_key(
 @app.command("disable")
 def disable(name: Name, as_json: JsonFlag = False) -> None:
     """Stop a partner's API key, webhooks and MQTT login; keep its record."""
-    _run(lambda conn, settings: partners.disable(conn, settings, name))
+    run_with_db(lambda conn, settings: partners.disable(conn, settings, name))
     if as_json:
         _print({"name": name, "enabled": False})
     else:
@@ -139,7 +107,7 @@ def disable(name: Name, as_json: JsonFlag = False) -> None:
 @app.command("remove")
 def remove(name: Name, as_json: JsonFlag = False) -> None:
     """Delete a partner, its pending webhooks, its delivery log and its MQTT login."""
-    _run(lambda conn, settings: partners.remove(conn, settings, name))
+    run_with_db(lambda conn, settings: partners.remove(conn, settings, name))
     if as_json:
         _print({"name": name, "removed": True})
     else:
@@ -153,7 +121,7 @@ def deliveries(
     as_json: JsonFlag = False,
 ) -> None:
     """Show a partner's recent webhook attempts, newest first."""
-    found = _run(lambda conn, settings: partners.deliveries(conn, name, limit))
+    found = run_with_db(lambda conn, settings: partners.deliveries(conn, name, limit))
     rows = [_jsonable(d) for d in found]
     if as_json:
         _print({"name": name, "deliveries": rows})
