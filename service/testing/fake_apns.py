@@ -9,7 +9,6 @@ APNs's: 200 with `apns-id`, or a status with `{"reason": ...}`.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime
 import functools
 import ipaddress
@@ -32,6 +31,8 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import ProtocolError
+
+from service.testing.serving import Listener
 
 PUSH_TYPES = {"alert", "background", "voip", "complication", "fileprovider", "mdm", "liveactivity"}
 REASONS = {
@@ -104,7 +105,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 
 
 @dataclass
-class FakeApns:
+class FakeApns(Listener):
     """APNs on loopback; run it on its own loop (see fake_push.serve_in_thread)."""
 
     directory: Path  # where the certificate and the .p8 key are written
@@ -128,20 +129,12 @@ class FakeApns:
         private = serialization.load_pem_private_key(self.key_pem.encode(), None)
         assert isinstance(private, ec.EllipticCurvePrivateKey)
         self._public = private.public_key()
-        self._server: asyncio.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._open: asyncio.Event | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._init_listener()
 
     @property
     def url(self) -> str:
         """The base URL to give the service as its APNs server."""
         return f"https://{self.host}:{self.port}"
-
-    @property
-    def connections(self) -> int:
-        """How many clients are connected now."""
-        return len(self._writers)
 
     def delivered(self) -> list[Received]:
         """The notifications answered 200."""
@@ -151,55 +144,10 @@ class FakeApns:
 
     async def start(self) -> None:
         """Listen (again on the same port after a stop)."""
-        self._loop = asyncio.get_running_loop()
-        if self._open is None:
-            self._open = asyncio.Event()
-            self._open.set()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.cert_file, self._cert_key)
         context.set_alpn_protocols(["h2"])
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, ssl=context)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop listening and drop every connection, like a crashed server."""
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
-
-    def hold(self) -> None:
-        """Keep answers back until release(); safe to call from any thread."""
-        self._call(lambda: self._gate().clear())
-
-    def release(self) -> None:
-        """Answer the held requests and those to come."""
-        self._call(lambda: self._gate().set())
-
-    def _gate(self) -> asyncio.Event:
-        assert self._open is not None, "start() first"
-        return self._open
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        loop = self._loop
-        assert loop is not None, "start() first"
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            fn()
-            return
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def run() -> None:
-            fn()
-            done.set_result(None)
-
-        loop.call_soon_threadsafe(run)
-        done.result(timeout=10)
+        await self._listen(context)
 
     # --- HTTP/2 ---
 

@@ -9,7 +9,6 @@ code detail, Retry-After), so firebase-admin raises the same exceptions as again
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import json
 import secrets
@@ -23,6 +22,8 @@ import h11
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from service.testing.serving import Listener
 
 # Either scope lets a token send through FCM.
 FCM_SCOPES = {
@@ -60,7 +61,7 @@ class Received:
 
 
 @dataclass
-class FakeFcm:
+class FakeFcm(Listener):
     """FCM on loopback; run it on its own loop (see fake_push.serve_in_thread)."""
 
     host: str = "127.0.0.1"
@@ -78,10 +79,7 @@ class FakeFcm:
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self._issued: set[str] = set()
         self._ids = itertools.count(1)
-        self._server: asyncio.Server | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._open: asyncio.Event | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._init_listener()
 
     @property
     def url(self) -> str:
@@ -127,52 +125,7 @@ class FakeFcm:
 
     async def start(self) -> None:
         """Listen (again on the same port after a stop)."""
-        self._loop = asyncio.get_running_loop()
-        if self._open is None:
-            self._open = asyncio.Event()
-            self._open.set()
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop listening and drop every connection, like a crashed server."""
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.transport.abort()
-            await self._server.wait_closed()
-            self._server = None
-
-    def hold(self) -> None:
-        """Keep answers (token requests too) back until release(); safe from any thread."""
-        self._call(lambda: self._gate().clear())
-
-    def release(self) -> None:
-        """Answer the held requests and those to come."""
-        self._call(lambda: self._gate().set())
-
-    def _gate(self) -> asyncio.Event:
-        assert self._open is not None, "start() first"
-        return self._open
-
-    def _call(self, fn: Callable[[], None]) -> None:
-        loop = self._loop
-        assert loop is not None, "start() first"
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            fn()
-            return
-        done: concurrent.futures.Future[None] = concurrent.futures.Future()
-
-        def run() -> None:
-            fn()
-            done.set_result(None)
-
-        loop.call_soon_threadsafe(run)
-        done.result(timeout=10)
+        await self._listen()
 
     # --- HTTP/1.1 ---
 

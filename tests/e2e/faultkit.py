@@ -206,42 +206,63 @@ class Stack:
         self.start_broker()
 
     def restart_postgres(self) -> None:
-        """`pg_ctl restart -m fast`: every connection is cut, the cluster comes back."""
-        done = subprocess.run(
-            _as_db_user(
-                [
-                    str(localstack.pg_bindir() / "pg_ctl"),
-                    "-D",
-                    str(self.database.data),
-                    "-l",
-                    str(self.database.directory / "postgres.log"),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "restart",
-                ]
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"pg_ctl restart failed: {done.stdout}{done.stderr}")
+        """`pg_ctl restart -m fast` of this stack's cluster."""
+        restart_postgres(self.database)
+
+
+def restart_postgres(database: localstack.Database) -> None:
+    """`pg_ctl restart -m fast`: every connection is cut, the cluster comes back."""
+    done = subprocess.run(
+        _as_db_user(
+            [
+                str(localstack.pg_bindir() / "pg_ctl"),
+                "-D",
+                str(database.data),
+                "-l",
+                str(database.directory / "postgres.log"),
+                "-m",
+                "fast",
+                "-w",
+                "restart",
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pg_ctl restart failed: {done.stdout}{done.stderr}")
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[localstack.Database]:
+    """Start a Postgres cluster of its own (database `chargeshare`, not migrated); stop it after."""
+    # Not under pytest's 0700 directory: the cluster runs as user postgres when we are root.
+    pg_dir = Path(tempfile.mkdtemp(prefix="chargeshare-faults-pg-"))
+    db = localstack.Database(pg_dir, localstack.free_port())
+    try:
+        localstack.start_postgres(db, fsync=False)
+        yield db
+    finally:
+        localstack.stop_postgres(db, mode="immediate")
+        shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def stack(root: Path) -> Iterator[Stack]:
     """Start a broker and a Postgres cluster of its own; stop replicas, broker and cluster after."""
-    # Not under pytest's 0700 directory: the cluster runs as user postgres when we are root.
-    pg_dir = Path(tempfile.mkdtemp(prefix="chargeshare-faults-pg-"))
-    db = localstack.Database(pg_dir, localstack.free_port())
+    with cluster() as db, _stack(root, db) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def _stack(root: Path, db: localstack.Database) -> Iterator[Stack]:
     b = localstack.Broker(directory=root / "broker", port=localstack.free_port())
     secret_file = root / "location.secret"
     secret_file.write_text(secrets.token_hex(32) + "\n")
     secret_file.chmod(0o600)
     s = Stack(root, b, db, secret_file, share_group=f"faults{secrets.token_hex(3)}")
     try:
-        localstack.start_postgres(db, fsync=False)
         files = brokeradmin.BrokerFiles(b.directory, b.pid_file)
         b.directory.mkdir(parents=True, exist_ok=True)
         files.set_password(SERVICE_USER, SERVICE_PASSWORD)
@@ -260,8 +281,6 @@ def stack(root: Path) -> Iterator[Stack]:
             r.stop()
         if s.broker_proc is not None:
             localstack.stop_broker(s.broker_proc)
-        localstack.stop_postgres(db, mode="immediate")
-        shutil.rmtree(pg_dir, ignore_errors=True)
 
 
 # ---- the partner's webhook receiver --------------------------------------------------------------
@@ -309,7 +328,7 @@ class WebhookReceiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            def do_POST(self) -> None:
                 n = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(n)
                 headers = {k.lower(): v for k, v in self.headers.items()}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,10 +14,19 @@ from bench import report
 from bench.run import Config, Run
 
 
+@pytest.fixture
+def stack_dir() -> Iterator[Path]:
+    """A directory the postgres user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="chargeshare-bench-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_a_tiny_bench_run_measures_every_figure_and_writes_the_report(
-    tmp_path: Path,
+    tmp_path: Path, stack_dir: Path
 ) -> None:
     """Twenty vehicles for a few seconds yield baselines, both replica phases and a report."""
     cfg = Config(
@@ -27,7 +40,7 @@ async def test_a_tiny_bench_run_measures_every_figure_and_writes_the_report(
         burst_messages=200,
         baseline_s=0.5,
         connection_target=50,
-        directory=tmp_path / "stack",
+        directory=stack_dir / "stack",
     )
     results = await Run(cfg, say=lambda *_: None).main()
 
