@@ -9,6 +9,7 @@ persistent session and receiving signed webhooks.
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import io
 import json
@@ -321,7 +322,8 @@ async def _run(
         running = asyncio.create_task(
             asyncio.to_thread(fleet.run, Console(file=io.StringIO()), max_seconds=240)
         )
-        await _inject_faults(s, rx, when)
+        if not os.environ.get("XP_NOFAULTS"):
+            await _inject_faults(s, rx, when)
         stats = await running
         when.mark(f"fleet done: {stats.finished} of {stats.vehicles} vehicles finished")
 
