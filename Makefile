@@ -59,4 +59,6 @@ status:
 	@$(BIN)/chargeshare stack status
 
 bench: setup
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || \
+		$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m bench

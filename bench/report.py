@@ -99,8 +99,8 @@ def markdown(results: dict[str, Any], command: str, notes: str = "") -> str:
         "`.completed`, `.interrupted`), same clock. It includes the settle window "
         f"(`settle_s` = {cfg['settle_s']:g} s: a phase change is judged only after that much "
         "quiet). Every vehicle is opted in and the owner's app answers each question `always`, "
-        "so every session is published; a vehicle's first start at its place asks the owner "
-        "and is not timed.",
+        "so every session is published; a vehicle's first start at its place asks the owner, "
+        "so its `session.started` also includes the app's answer.",
         "- **Ingest at saturation**: a burst of metric changes (`v.c.kwh.grid`, QoS 0, flat "
         "out) over up to "
         f"{cfg['burst_vehicles']:,} vehicles; stored/s = changes found in Postgres / time to the "

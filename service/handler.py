@@ -26,11 +26,24 @@ from service.errors import TRANSIENT
 
 log = structlog.get_logger("handler")
 
-SNAPSHOT_CHECK = """
-SELECT metrics_at, metrics ->> $3 AS value FROM vehicles WHERE owner = $1 AND vehicle_id = $2
-"""
 PHASE_METRICS = frozenset({"v.c.charging", "v.c.state", "v.c.substate"})
 TRACKED = frozenset({"v.c.kwh", "v.c.power", "v.c.voltage", "v.c.current", "v.b.soc", "v.c.type"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Item:
+    name: str
+    value: str
+    retained: bool
+    since: datetime | None
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """Metrics of one vehicle that wait for one transaction, and its outcome."""
+
+    items: list[_Item]
+    done: asyncio.Future[None]
 
 
 def utcnow() -> datetime:
@@ -53,6 +66,8 @@ class Handler:
         self.secrets = settings.location_keys()
         self.wake = wake
         self.clock = clock
+        self._waiting: dict[tuple[str, str], _Batch] = {}  # metrics not yet in a transaction
+        self._busy: set[tuple[str, str]] = set()  # vehicles whose metrics are being applied
 
     async def handle(
         self, topic: str, payload: bytes, *, retained: bool = False, since: datetime | None = None
@@ -137,6 +152,7 @@ class Handler:
     async def metric(
         self, p: topics.Parsed, topic: str, payload: bytes, retained: bool, since: datetime | None
     ) -> None:
+        """Apply one metric; a vehicle's metrics that queue up meanwhile share one transaction."""
         name = p.name
         if name not in detect.KEPT_METRICS and name not in detect.POSITION_METRICS:
             return
@@ -144,39 +160,83 @@ class Handler:
         reason = detect.valid_metric_value(name, value)
         if reason is not None:
             raise errors.InvalidPayload(topic, reason)
+        # No await before the append: metrics join their vehicle's batch in arrival order.
+        key = (p.owner, p.vehicle)
+        batch = self._waiting.get(key)
+        if batch is None:
+            batch = self._waiting[key] = _Batch([], asyncio.get_running_loop().create_future())
+        batch.items.append(_Item(name, value, retained, since))
+        if key not in self._busy:
+            self._busy.add(key)
+            try:
+                while (next_batch := self._waiting.pop(key, None)) is not None:
+                    await self._apply_batch(key, next_batch)
+            finally:
+                self._busy.discard(key)
+        await batch.done  # set by whichever message of this vehicle ran the batch
+
+    async def _apply_batch(self, key: tuple[str, str], batch: _Batch) -> None:
+        delay = 0.2
+        while True:
+            try:
+                judging = await self._apply_metrics(key, batch.items)
+                break
+            except TRANSIENT as exc:
+                log.warning(
+                    "database unavailable; message not acked yet",
+                    topic=topics.prefix(*key) + "metric/…",
+                    metrics=len(batch.items),
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            except Exception as exc:  # each message of the batch reports it on its own
+                batch.done.set_exception(exc)
+                return
+            except BaseException as exc:  # cancelled: the waiting messages are not handled
+                batch.done.set_exception(exc)
+                raise
+        batch.done.set_result(None)
+        if judging:
+            self.wake()
+
+    async def _apply_metrics(self, key: tuple[str, str], items: list[_Item]) -> bool:
+        """Apply a vehicle's metrics in order in one transaction; tell whether a judgment waits."""
         now = self.clock()
-        if retained and since is not None and await self._snapshot_stale(p, name, value, since):
-            return
+        settle = timedelta(seconds=self.settings.settle_s)
         async with self.pool.acquire() as conn, conn.transaction():
-            v = await store.lock_vehicle(conn, p.owner, p.vehicle)
-            if (
-                retained
-                and since is not None
-                and v.metrics_at is not None
-                and v.metrics_at >= since
-            ):
-                return  # a retained snapshot must not rewind what live metrics already said
+            v = await store.lock_vehicle(conn, *key)
             metrics = dict(v.metrics)
             position = v.position_enc
-            if name in detect.POSITION_METRICS:
-                position = self._moved(v, name, float(value))
-            else:
-                if metrics.get(name) == value:
-                    return
-                metrics[name] = value
-            judge_at, changed_at = v.judge_at, v.changed_at
-            if detect.phase_of(metrics).value != v.phase:
-                settled = now + timedelta(seconds=self.settings.settle_s)
-                if judge_at is None:
-                    judge_at, changed_at = settled, now
-                elif name in PHASE_METRICS:
-                    # The module sends state, substate and charging one by one: a burst that
-                    # queues up here is judged once its last phase metric is in, not before.
-                    judge_at = max(judge_at, settled)
+            judge_at, changed_at, metrics_at = v.judge_at, v.changed_at, v.metrics_at
+            changed = live = tracked = False
+            for it in items:
+                if it.retained and it.since is not None and metrics_at is not None:
+                    if metrics_at >= it.since:
+                        continue  # a retained snapshot must not rewind what live metrics said
+                if it.name in detect.POSITION_METRICS:
+                    position = self._moved_from(v.salt, position, it.name, float(it.value))
+                else:
+                    if metrics.get(it.name) == it.value:
+                        continue
+                    metrics[it.name] = it.value
+                    tracked = tracked or it.name in TRACKED
+                changed = True
+                if not it.retained:
+                    live, metrics_at = True, now
+                if detect.phase_of(metrics).value != v.phase:
+                    if judge_at is None:
+                        judge_at, changed_at = now + settle, now
+                    elif it.name in PHASE_METRICS:
+                        # The module sends state, substate and charging one by one: a burst
+                        # that queues up is judged once its last phase metric is in.
+                        judge_at = max(judge_at, now + settle)
+            if not changed:
+                return False
             await store.save_metrics(
-                conn, v.pk, metrics, position, now, judge_at, changed_at, live=not retained
+                conn, v.pk, metrics, position, now, judge_at, changed_at, live=live
             )
-            if name in TRACKED:
+            if tracked:
                 r = detect.reading(metrics)
                 await conn.execute(
                     store.TRACK,
@@ -188,34 +248,24 @@ class Handler:
                     r.soc,
                     r.connector,
                 )
-        if judge_at is not None:
-            self.wake()
-
-    async def _snapshot_stale(
-        self, p: topics.Parsed, name: str, value: str, since: datetime
-    ) -> bool:
-        """Tell, without a lock, whether a retained metric is sure to change nothing."""
-        # A (re)subscribing replica gets every retained metric at once: most of them say what
-        # is already stored, and locking each vehicle for them would delay the live stream.
-        async with self.pool.acquire() as conn:
-            r = await conn.fetchrow(SNAPSHOT_CHECK, p.owner, p.vehicle, name)
-        if r is None:
-            return False
-        if r["metrics_at"] is not None and r["metrics_at"] >= since:
-            return True
-        return name in detect.KEPT_METRICS and r["value"] == value
+        return judge_at is not None
 
     def _moved(self, v: store.Vehicle, name: str, value: float) -> bytes:
+        return self._moved_from(v.salt, v.position_enc, name, value)
+
+    def _moved_from(
+        self, salt: bytes, position_enc: bytes | None, name: str, value: float
+    ) -> bytes:
         lat, lon = math.nan, math.nan
-        if v.position_enc is not None:
-            opened = sealing.open_position(self.secrets, v.salt, v.position_enc)
+        if position_enc is not None:
+            opened = sealing.open_position(self.secrets, salt, position_enc)
             if opened is not None:
                 lat, lon = opened
         if name == "v.p.latitude":
             lat = value
         else:
             lon = value
-        return sealing.seal_position(self.secrets[0], v.salt, lat, lon)
+        return sealing.seal_position(self.secrets[0], salt, lat, lon)
 
     async def grid_log(self, p: topics.Parsed, topic: str, payload: bytes) -> None:
         text = _text(topic, payload)

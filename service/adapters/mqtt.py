@@ -79,6 +79,7 @@ class Link:
         *,
         persistent: bool,
         concurrency: int = 64,
+        ordered: bool = True,
     ) -> None:
         self.settings = settings
         self.name = client_id
@@ -103,6 +104,7 @@ class Link:
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": 0.5})
         self.subscribed_at: datetime | None = None
         self.connected = asyncio.Event()
+        self.ordered = ordered
         self._slots = asyncio.Semaphore(concurrency)
         self._order = KeyedLocks()
 
@@ -161,6 +163,12 @@ class Link:
         self, client: gmqtt.Client, topic: str, payload: bytes, qos: int, props: dict[str, Any]
     ) -> int:
         retained = bool(props.get("retain"))
+        if not self.ordered:
+            # QoS 0 metrics: the handler keeps each vehicle's arrival order itself (and applies
+            # what queues up in one transaction), so nothing may wait here before it is called.
+            async with observability.inbound(topic):
+                await self.on_message(topic, payload, retained, self.subscribed_at)
+            return 0
         # One vehicle's messages are handled in arrival order; different vehicles in parallel.
         async with (
             observability.inbound(topic),
@@ -221,6 +229,7 @@ async def links(settings: Settings, on_message: OnMessage) -> AsyncIterator[tupl
         on_message,
         persistent=False,
         concurrency=256,
+        ordered=False,
     )
     await events.connect()
     await metrics.connect()
