@@ -26,6 +26,7 @@ from service.errors import TRANSIENT
 
 log = structlog.get_logger("handler")
 
+RETRY_CAP_S = 5.0  # longest wait between two attempts while the database is unreachable
 PHASE_METRICS = frozenset({"v.c.charging", "v.c.state", "v.c.substate"})
 TRACKED = frozenset({"v.c.kwh", "v.c.power", "v.c.voltage", "v.c.current", "v.b.soc", "v.c.type"})
 
@@ -36,6 +37,7 @@ class _Item:
     value: str
     retained: bool
     since: datetime | None
+    arrived: float  # event loop time when the message came in
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,6 +70,7 @@ class Handler:
         self.clock = clock
         self._waiting: dict[tuple[str, str], _Batch] = {}  # metrics not yet in a transaction
         self._busy: set[tuple[str, str]] = set()  # vehicles whose metrics are being applied
+        self._recovering_until = 0.0  # event loop time until which a database outage is recent
 
     async def handle(
         self, topic: str, payload: bytes, *, retained: bool = False, since: datetime | None = None
@@ -79,11 +82,12 @@ class Handler:
                 await self._handle_once(topic, payload, retained, since)
                 return
             except TRANSIENT as exc:
+                self._troubled()
                 log.warning(
                     "database unavailable; message not acked yet", topic=topic, error=str(exc)
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RETRY_CAP_S)
 
     async def _handle_once(
         self, topic: str, payload: bytes, retained: bool, since: datetime | None
@@ -162,10 +166,11 @@ class Handler:
             raise errors.InvalidPayload(topic, reason)
         # No await before the append: metrics join their vehicle's batch in arrival order.
         key = (p.owner, p.vehicle)
+        loop = asyncio.get_running_loop()
         batch = self._waiting.get(key)
         if batch is None:
-            batch = self._waiting[key] = _Batch([], asyncio.get_running_loop().create_future())
-        batch.items.append(_Item(name, value, retained, since))
+            batch = self._waiting[key] = _Batch([], loop.create_future())
+        batch.items.append(_Item(name, value, retained, since, loop.time()))
         if key not in self._busy:
             self._busy.add(key)
             try:
@@ -182,6 +187,7 @@ class Handler:
                 judging = await self._apply_metrics(key, batch.items)
                 break
             except TRANSIENT as exc:
+                self._troubled()
                 log.warning(
                     "database unavailable; message not acked yet",
                     topic=topics.prefix(*key) + "metric/…",
@@ -189,12 +195,12 @@ class Handler:
                     error=str(exc),
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RETRY_CAP_S)
             except Exception as exc:  # each message of the batch reports it on its own
                 batch.done.set_exception(exc)
                 return
-            except BaseException as exc:  # cancelled: the waiting messages are not handled
-                batch.done.set_exception(exc)
+            except BaseException:  # cancelled: the waiting messages are not handled
+                batch.done.cancel()
                 raise
         batch.done.set_result(None)
         if judging:
@@ -202,10 +208,18 @@ class Handler:
 
     async def _apply_metrics(self, key: tuple[str, str], items: list[_Item]) -> bool:
         """Apply a vehicle's metrics in order in one transaction; tell whether a judgment waits."""
-        now = self.clock()
-        settle = timedelta(seconds=self.settings.settle_s)
         async with self.pool.acquire() as conn, conn.transaction():
             v = await store.lock_vehicle(conn, *key)
+            now = self.clock()
+            # A replica behind its inflow (a flood after a reconnect, retries while the
+            # database restarts) waits twice that much longer before a judgment: the other
+            # replicas, holding the rest of a burst, may be further behind still.
+            clock = asyncio.get_running_loop().time()
+            lag = max(0.0, clock - min(it.arrived for it in items))
+            # Just after a database outage, other replicas may still sit in a retry delay
+            # holding part of a burst: judge only once their longest delay has passed.
+            recovering = RETRY_CAP_S if clock < self._recovering_until else 0.0
+            settle = timedelta(seconds=self.settings.settle_s + 2 * lag + recovering)
             metrics = dict(v.metrics)
             position = v.position_enc
             judge_at, changed_at, metrics_at = v.judge_at, v.changed_at, v.metrics_at
@@ -249,6 +263,10 @@ class Handler:
                     r.connector,
                 )
         return judge_at is not None
+
+    def _troubled(self) -> None:
+        """Note a database outage: judgments wait out the retry delays for a while."""
+        self._recovering_until = asyncio.get_running_loop().time() + 2 * RETRY_CAP_S
 
     def _moved(self, v: store.Vehicle, name: str, value: float) -> bytes:
         return self._moved_from(v.salt, v.position_enc, name, value)
