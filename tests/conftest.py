@@ -19,6 +19,7 @@ import pytest
 
 from service import brokeradmin, localstack
 from service.adapters import schema
+from tests.mqttprobe import Probe
 
 # Wall-clock deadlines make property tests flaky on a busy 2-core machine; examples still run.
 hypothesis.settings.register_profile("chargeshare", deadline=None)
@@ -165,3 +166,17 @@ def owner(new_owner: Callable[[], tuple[str, str]]) -> tuple[str, str]:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def probe(broker: BrokerHandle) -> Iterator[Callable[[str, str], Probe]]:
+    """Open MQTT test clients as any account; all are closed after the test."""
+    made: list[Probe] = []
+
+    def make(username: str, password: str) -> Probe:
+        made.append(Probe(broker.port, username, password))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()

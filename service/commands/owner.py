@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
 
-from service import errors, logs
+from service import logs
 from service.adapters import accounts, owners
+from service.commands.common import fail, run_with_db
 from service.config import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -20,34 +19,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False)
 T = TypeVar("T")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-
-
-def fail(message: str) -> typer.Exit:
-    """Print a one-line reason on stderr and return the exit to raise (status 1)."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def run_with_db(work: Callable[[asyncpg.Connection, Settings], Awaitable[T]]) -> T:
-    """Run `work` with the settings and one database connection; exit 1 on a known failure."""
-    try:
-        settings = Settings.from_env()
-    except errors.ConfigError as exc:
-        raise fail(str(exc)) from None
-
-    async def go() -> T:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            return await work(conn, settings)
-        finally:
-            await conn.close()
-
-    try:
-        return asyncio.run(go())
-    except errors.ChargeShareError as exc:
-        raise fail(str(exc)) from None
-    except (OSError, asyncpg.PostgresError) as exc:
-        raise fail(f"database {settings.database_url}: {exc}") from None
 
 
 def emit(as_json: bool, obj: dict[str, Any], text: str) -> None:

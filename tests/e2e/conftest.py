@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -36,21 +36,6 @@ async def service(broker: BrokerHandle, database_url: str) -> AsyncIterator[app.
     """The whole service (no HTTP API) running in this test's event loop."""
     async with app.running(service_settings(broker, database_url), api_enabled=False) as svc:
         yield svc
-
-
-@pytest.fixture
-def probe(broker: BrokerHandle) -> Iterator[Callable[[str, str], Probe]]:
-    """Open MQTT test clients as any account; all are closed after the test."""
-    made: list[Probe] = []
-
-    def make(username: str, password: str) -> Probe:
-        p = Probe(broker.port, username, password)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.close()
 
 
 @pytest.fixture

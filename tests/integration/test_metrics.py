@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -31,20 +31,6 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-@pytest.fixture
-def probe(broker: BrokerHandle) -> Iterator[Callable[[str, str], Probe]]:
-    """Open MQTT test clients as any account; all are closed after the test."""
-    made: list[Probe] = []
-
-    def make(username: str, password: str) -> Probe:
-        made.append(Probe(broker.port, username, password))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
 
 
 async def _scrape_until(http: httpx.AsyncClient, done: Callable[[Samples], bool]) -> Samples:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -16,20 +16,6 @@ from tests.e2e.conftest import service_settings
 from tests.mqttprobe import Probe
 
 EVENT = "ovms/{owner}/car/event/vehicle/charge/pilot"
-
-
-@pytest.fixture
-def probe(broker: BrokerHandle) -> Iterator[Callable[[str, str], Probe]]:
-    """Open MQTT test clients as any account; all are closed after the test."""
-    made: list[Probe] = []
-
-    def make(username: str, password: str) -> Probe:
-        made.append(Probe(broker.port, username, password))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
 
 
 class Clock:

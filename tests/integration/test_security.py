@@ -163,20 +163,6 @@ def test_matrix_reads(
 # ---- message sizes -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def probe(broker: BrokerHandle) -> Iterator[Callable[[str, str], Probe]]:
-    """Open MQTT test clients as any account; all are closed after the test."""
-    made: list[Probe] = []
-
-    def make(username: str, password: str) -> Probe:
-        made.append(Probe(broker.port, username, password))
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
-
-
 async def test_oversized_messages_are_refused_and_the_service_goes_on(
     broker: BrokerHandle,
     database_url: str,
