@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -25,6 +24,7 @@ from tests.e2e import steps
 from tests.e2e.conftest import service_settings
 from tests.e2e.test_scenarios import _pg_dump
 from tests.integration.test_owner_rights import Driver
+from tests.leaks import coordinate_leaks
 from tests.mqttprobe import Probe
 
 Make = Callable[[str, str], Probe]
@@ -38,18 +38,7 @@ PLACE_C = (51.341040, 0.350470)  # question expires
 PLACE_D = (51.315020, 0.479030)  # once, later never: retracted
 
 
-def leaks(text: str, where: Where) -> list[str]:
-    """Return each form of a position found in text: 3-7 decimals, geohash longer than 5."""
-    found = []
-    for value in where:
-        for digits in range(3, 8):
-            s = f"{value:.{digits}f}"
-            # Not preceded by a digit, nor by "<digit>:" (the seconds of 12:00:51.2847 are no
-            # latitude).
-            if re.search(r"(?<!\d)(?<!\d:)" + re.escape(s), text):
-                found.append(s)
-    found += [g for n in range(6, 13) if (g := privacy.geohash(*where, n)) in text]
-    return found
+leaks = coordinate_leaks
 
 
 # ---- the public side: an MQTT partner, a webhook receiver and the pull API ---------------------

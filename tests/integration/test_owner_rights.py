@@ -15,6 +15,7 @@ from service import handler, settle, topics
 from service.adapters import accounts, partners
 from service.config import Settings
 from tests.integration.test_owner_cli import Stack, cli, own_broker, stack  # noqa: F401
+from tests.leaks import coordinate_leaks
 
 STATION = (51.302300, 0.401450)
 HOME = (51.284700, 0.452300)
@@ -133,10 +134,6 @@ async def table_texts(conn: asyncpg.Connection) -> dict[str, list[str]]:
     }
 
 
-def coordinate_texts(where: tuple[float, float]) -> list[str]:
-    return [f"{v:.{d}f}" for v in where for d in range(3, 8)]
-
-
 async def test_export_shows_everything_stored_with_tokens_masked(world: World) -> None:
     """Export lists vehicle, places (coordinates only where shared), sessions, answers, pushes."""
     name = world.car.owner
@@ -160,7 +157,7 @@ async def test_export_shows_everything_stored_with_tokens_masked(world: World) -
     assert v["sessions"][0]["comment"] == "behind the library"
     [reg] = v["push_registrations"]
     assert reg["app_id"] == "phone" and reg["token"] != TOKEN and TOKEN not in out
-    assert not any(t in out for t in coordinate_texts(HOME))
+    assert coordinate_leaks(out, HOME) == []
     # Without --json the same data, indented for a person.
     status, pretty, _ = await cli(world.stack, "owner", "export", name)
     assert status == 0 and json.loads(pretty) == data
@@ -186,7 +183,7 @@ async def _erase_leaves_nothing(world: World, *flags: str) -> dict[str, list[str
     result = json.loads(out)
     assert result["name"] == name and result["erased"] is True
     needles = [name, nickname, TOKEN, salt, *world.request_ids, *(str(r["id"]) for r in private)]
-    needles += coordinate_texts(HOME) + coordinate_texts(ELSEWHERE)
+    places = (HOME, ELSEWHERE)
     async with world.pool.acquire() as conn:
         tables = await table_texts(conn)
         clears = await conn.fetch("SELECT topic, payload, retain FROM outbox WHERE kind = 'mqtt'")
@@ -197,6 +194,7 @@ async def _erase_leaves_nothing(world: World, *flags: str) -> dict[str, list[str
             if table == "outbox" and f"ovms/{name}/" in text:
                 continue  # a retained message being cleared on the broker: checked below
             hits = [n for n in needles if n in text]
+            hits += [leak for place in places for leak in coordinate_leaks(text, place)]
             assert hits == [], f"{table}: {hits} in {text[:300]}"
     owner_rows = [c for c in clears if c["topic"].startswith(f"ovms/{name}/")]
     assert owner_rows and all(c["payload"] == b"" and c["retain"] for c in owner_rows)
@@ -246,7 +244,7 @@ async def test_erase_with_retract_retracts_every_version(world: World) -> None:
         assert rec["status"] == "retracted" and rec["contributor"] == "anonymous"
         assert rec["latitude"] is rec["longitude"] is rec["station"] is None
         assert rec["charge_point"] is rec["comment"] is None
-    assert not any(t in dump for t in coordinate_texts(STATION))
+    assert coordinate_leaks(dump, STATION) == []
     assert "behind the library" not in dump
 
 
