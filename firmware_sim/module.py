@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
-import math
 import random
-import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Literal
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-
+from firmware_sim.formats import (
+    GridRecord,
+    MetricValue,
+    SimClock,
+    format_metric,
+    format_time,
+    grid_log_text,
+    mp_encode,
+)
+from firmware_sim.links import Link, Message, ModuleError, PahoLink, Recorder
 from service import topics
 
-MetricValue = str | int | float | bool | datetime | Sequence[float]
-Clock = Callable[[], float]
+__all__ = [  # what scenarios and tests import from here, wherever it is defined
+    "CHARGING_INTERVAL_S",
+    "IDLE_INTERVAL_S",
+    "Charge",
+    "GridRecord",
+    "Message",
+    "Module",
+    "ModuleError",
+    "PahoLink",
+    "Recorder",
+    "SimClock",
+    "format_metric",
+    "grid_log_text",
+]
 
-# Metrics the firmware formats with a fixed number of decimals (metrics_standard.cpp SetFormat).
-FIXED6 = frozenset({"v.p.latitude", "v.p.longitude"})
+Clock = Callable[[], float]
 # A stop with one of these substates is an info notification; any other substate is an alert.
 PLANNED_STOP_SUBSTATES = frozenset({"scheduledstop", "timerwait", "onrequest"})
 # Pauses inside one plug-in: (state, substate, still charging). powerwait as the Renault Zoe
@@ -35,333 +50,6 @@ PAUSES: dict[str, tuple[str, str, bool]] = {
 }
 CHARGING_INTERVAL_S = 10  # firmware cadence while charging
 IDLE_INTERVAL_S = 600  # firmware cadence when idle
-
-
-class ModuleError(Exception):
-    """The module could not reach or was refused by the broker."""
-
-    def __init__(self, vehicle_id: str, reason: str) -> None:
-        self.vehicle_id = vehicle_id
-        self.reason = reason
-        super().__init__(f"module {vehicle_id}: {reason}")
-
-
-# ---- value formatting ------------------------------------------------------------------------
-
-
-def format_float(value: float) -> str:
-    """Format a float like a C++ stream with default settings (6 significant digits)."""
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    text = f"{value:g}"
-    return "0" if text == "-0" else text
-
-
-def format_time(t: float | datetime) -> str:
-    """Format a time as the firmware's DateUTC / DateLocal text (module time zone UTC)."""
-    dt = t if isinstance(t, datetime) else datetime.fromtimestamp(t, UTC)
-    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def format_metric(name: str, value: MetricValue) -> str:
-    """Return a metric's MQTT payload: plain text in native units, as `AsString()` renders it."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.6f}" if name in FIXED6 else format_float(value)
-    if isinstance(value, datetime):
-        return format_time(value)
-    if isinstance(value, str):
-        return value
-    return ",".join(format_float(float(v)) for v in value)
-
-
-def mp_encode(text: str) -> str:
-    """Encode text for a CSV field like the firmware: "," becomes ";" and LF becomes CR."""
-    return text.replace(",", ";").replace("\n", "\r")
-
-
-# ---- grid log --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GridRecord:
-    """One `*-LOG-Grid` record and when the module made it (module clock)."""
-
-    entry_id: int
-    created: float
-    text: str
-
-    @property
-    def fields(self) -> list[str]:
-        """Return the data fields after `*-LOG-Grid,<version>,<storetime>`."""
-        return self.text.split(",")[3:]
-
-
-def grid_log_text(
-    values: Mapping[str, MetricValue],
-    *,
-    charge_time_s: int,
-    version: int = 2,
-    storetime_days: int = 365,
-) -> str:
-    """Build one `*-LOG-Grid` CSV line from metric values (44 fields in v1, 45 in v2)."""
-
-    def f(name: str, decimals: int) -> str:
-        raw = values.get(name, 0.0)
-        number = float(raw) if isinstance(raw, int | float) else 0.0
-        return f"{number:.{decimals}f}"
-
-    def s(name: str) -> str:
-        raw = values.get(name, "")
-        return mp_encode(raw if isinstance(raw, str) else format_metric(name, raw))
-
-    gpslock = "1" if values.get("v.p.gpslock") is True else "0"
-    fields = [
-        gpslock,
-        f("v.p.latitude", 6),
-        f("v.p.longitude", 6),
-        f("v.p.altitude", 1),
-        s("v.p.location"),
-        s("v.c.type"),
-        s("v.c.state"),
-        s("v.c.substate"),
-        s("v.c.mode"),
-        f("v.c.climit", 1),
-        f("v.c.limit.range", 1),
-        f("v.c.limit.soc", 1),
-        s("v.g.type"),
-        s("v.g.state"),
-        s("v.g.substate"),
-        s("v.g.mode"),
-        f("v.g.climit", 1),
-        f("v.g.limit.range", 1),
-        f("v.g.limit.soc", 1),
-        str(charge_time_s),
-        f("v.c.kwh", 3),
-        f("v.c.kwh.grid", 3),
-        f("v.c.kwh.grid.total", 3),
-        "0",
-        f("v.g.kwh", 3),
-        f("v.g.kwh.grid", 3),
-        f("v.g.kwh.grid.total", 3),
-        f("v.b.soc", 1),
-        f("v.b.range.est", 1),
-        f("v.b.range.ideal", 1),
-        f("v.b.range.full", 1),
-        f("v.b.voltage", 1),
-        f("v.b.temp", 1),
-        f("v.c.temp", 1),
-        f("v.c.12v.temp", 1),
-        f("v.e.temp", 1),
-        f("v.e.cabintemp", 1),
-        f("v.b.soh", 3),
-        s("v.b.health"),
-        f("v.b.cac", 3),
-        f("v.b.energy.used.total", 3),
-        f("v.b.energy.recd.total", 3),
-        f("v.b.coulomb.used.total", 3),
-        f("v.b.coulomb.recd.total", 3),
-    ]
-    if version >= 2:
-        fields.append(f("v.p.odometer", 1))
-    return f"*-LOG-Grid,{version},{storetime_days * 86400}," + ",".join(fields)
-
-
-# ---- the clock ---------------------------------------------------------------------------------
-
-
-class SimClock:
-    """A module clock that moves only when told: charges can happen hours before "now"."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.t = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        """Move the clock forward."""
-        self.t += seconds
-
-    def set(self, t: float) -> None:
-        """Jump to a time (e.g. back to real time when the module comes online again)."""
-        self.t = t
-
-
-# ---- links: how messages leave the module ------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One MQTT publish as the module made it."""
-
-    topic: str
-    payload: str
-    qos: int
-    retain: bool
-
-
-class Link(Protocol):
-    """The module's connection to a broker."""
-
-    def start(self, on_up: Callable[[], None], on_down: Callable[[], None]) -> None: ...
-
-    def publish(self, topic: str, payload: str, qos: int, retain: bool) -> None: ...
-
-    def flush(self, timeout: float) -> bool: ...
-
-    def stop(self, *, abrupt: bool) -> None: ...
-
-
-class Recorder:
-    """A link that records every publish in order; always up while started (tests, dry runs)."""
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-        self._on_down: Callable[[], None] | None = None
-
-    def start(self, on_up: Callable[[], None], on_down: Callable[[], None]) -> None:
-        self._on_down = on_down
-        on_up()
-
-    def publish(self, topic: str, payload: str, qos: int, retain: bool) -> None:
-        self.messages.append(Message(topic, payload, qos, retain))
-
-    def flush(self, timeout: float) -> bool:
-        return True
-
-    def stop(self, *, abrupt: bool) -> None:
-        if self._on_down is not None:
-            self._on_down()
-
-
-class PahoLink:
-    """A paho-mqtt 3.1.1 connection set up the way the firmware sets up its own."""
-
-    def __init__(
-        self,
-        client_id: str,
-        username: str,
-        password: str,
-        host: str,
-        port: int,
-        *,
-        will: Message,
-        tls_ca: str | None = None,
-        keepalive: int = 60,
-        threaded: bool = True,
-    ) -> None:
-        self.host, self.port, self.keepalive, self.threaded = host, port, keepalive, threaded
-        self._settings = (client_id, username, password, will, tls_ca)
-        self.refused: str | None = None
-        self._infos: list[mqtt.MQTTMessageInfo] = []
-        self._lock = threading.Lock()
-        self._on_up: Callable[[], None] = lambda: None
-        self._on_down: Callable[[], None] = lambda: None
-        self._started = False
-        self.client = self._new_client()
-
-    def _new_client(self) -> mqtt.Client:
-        client_id, username, password, will, tls_ca = self._settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-        )
-        client.username_pw_set(username, password)
-        client.will_set(will.topic, will.payload, will.qos, will.retain)
-        if tls_ca:
-            client.tls_set(ca_certs=tls_ca)
-        # Bounded so a vehicle that cannot connect does not spin (firmware: 20-60 s).
-        client.reconnect_delay_set(1, 30)
-        client.on_connect = self._connected
-        client.on_disconnect = self._disconnected
-        return client
-
-    def _connected(
-        self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
-    ) -> None:
-        if getattr(rc, "is_failure", False):
-            # Firmware: any refusal but "server unavailable" stops retrying until reconfigured.
-            self.refused = str(rc)
-            client.disconnect()
-            if self.threaded:
-                threading.Thread(target=client.loop_stop, daemon=True).start()
-            self._on_down()
-            return
-        self._on_up()
-
-    def _disconnected(
-        self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
-    ) -> None:
-        self._on_down()
-
-    def start(self, on_up: Callable[[], None], on_down: Callable[[], None]) -> None:
-        self._on_up, self._on_down, self.refused = on_up, on_down, None
-        if self._started and self.threaded:
-            # The broker keeps the session; a fresh client avoids paho leaking its socket pair
-            # when loop_start() runs a second time.
-            self.client = self._new_client()
-        self._started = True
-        if self.threaded:
-            self.client.connect_async(self.host, self.port, self.keepalive)
-            self.client.loop_start()
-        else:
-            # An external loop (fleet) reads the socket and delivers the CONNACK.
-            self.client.connect(self.host, self.port, self.keepalive)
-
-    def publish(self, topic: str, payload: str, qos: int, retain: bool) -> None:
-        info = self.client.publish(topic, payload, qos, retain)
-        if self.threaded:
-            with self._lock:
-                self._infos.append(info)
-
-    def flush(self, timeout: float) -> bool:
-        """Wait until everything published so far left (QoS 0) or was acknowledged (QoS 1/2)."""
-        if not self.threaded:
-            return True
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            infos, self._infos = self._infos, []
-        ok = True
-        for info in infos:
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
-                continue  # not sent (connection lost meanwhile): QoS 0 is gone, QoS 1/2 resent
-            while not info.is_published():
-                left = deadline - time.monotonic()
-                if left <= 0 or not self.client.is_connected():
-                    ok = False
-                    break
-                info.wait_for_publish(min(left, 0.1))
-            if not ok:
-                with self._lock:
-                    self._infos[:0] = [i for i in infos if not i.is_published()]
-                return False
-        return ok
-
-    def stop(self, *, abrupt: bool) -> None:
-        """Close the connection; abrupt closes the socket without DISCONNECT, so the will fires."""
-        if abrupt:
-            sock = self.client.socket()
-            if self.threaded:
-                self.client.loop_stop()
-            if isinstance(sock, socket.socket):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-            self._on_down()
-            return
-        self.client.disconnect()
-        if self.threaded:
-            self.client.loop_stop()
 
 
 # ---- the module ------------------------------------------------------------------------------
