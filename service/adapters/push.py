@@ -1,4 +1,4 @@
-"""Push notifications to owners' phones: FCM and APNs senders, and the outbox Deliverer.
+"""Push notifications to owners' phones: the outbox Deliverer over the FCM and APNs senders.
 
 A push row names one token (`push_tokens.id`) and carries the question's request id, kind and
 text. The deliverer reads the token and the question as they are at sending time, so a token
