@@ -268,9 +268,6 @@ class Handler:
         """Note a database outage: judgments wait out the retry delays for a while."""
         self._recovering_until = asyncio.get_running_loop().time() + 2 * RETRY_CAP_S
 
-    def _moved(self, v: store.Vehicle, name: str, value: float) -> bytes:
-        return self._moved_from(v.salt, v.position_enc, name, value)
-
     def _moved_from(
         self, salt: bytes, position_enc: bytes | None, name: str, value: float
     ) -> bytes:

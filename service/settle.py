@@ -176,9 +176,7 @@ async def judge_due(
                 raise
             except Exception:
                 log.exception("judgment failed; change dropped", vehicle_pk=r["id"])
-                await conn.execute(
-                    "UPDATE vehicles SET judge_at = NULL, changed_at = NULL WHERE id = $1", r["id"]
-                )
+                await conn.execute(store.DROP_JUDGMENT, r["id"])
     return len(due)
 
 
@@ -193,21 +191,21 @@ async def expire_due(pool: asyncpg.Pool, settings: Settings, now: datetime) -> i
             except TRANSIENT:
                 raise
             except Exception:
+                # Expire it all the same, and never keep an unshared place's coordinates.
                 log.exception("expiry failed", request_id=q["request_id"])
-                await conn.execute(
-                    "UPDATE questions SET state = 'expired' WHERE request_id = $1", q["request_id"]
-                )
+                await conn.execute(store.EXPIRE_QUESTION, q["request_id"])
+                if q["kind"] == "share":
+                    await conn.execute(store.ERASE_COORDS, q["session"], None)
+                    await conn.execute(store.SET_SHARE, q["session"], "unshared", None, now)
     return len(due)
 
 
 async def _expire(conn: asyncpg.Connection, settings: Settings, now: datetime, q: Any) -> None:
     v = await store.lock_vehicle_pk(conn, q["vehicle"])
-    if v is None:
-        return
+    if v is None or await conn.fetchrow(store.LOCK_PENDING_QUESTION, q["request_id"]) is None:
+        return  # gone, answered meanwhile, or expired by another replica
     ctx = Ctx(conn, settings, now, v)
-    await conn.execute(
-        "UPDATE questions SET state = 'expired' WHERE request_id = $1", q["request_id"]
-    )
+    await conn.execute(store.EXPIRE_QUESTION, q["request_id"])
     await clear_question(ctx, q["request_id"])
     if q["kind"] == "share":
         row = dict(await conn.fetchrow(store.SESSION_BY_ID, q["session"]))

@@ -123,7 +123,7 @@ def parse_since(since: str | None) -> Cursor:
         if micros:
             min_time = datetime.fromtimestamp(int(micros) / 1_000_000, UTC)
         cursor = Cursor(int(xid), int(seq), min_time)
-        if cursor.xid < 0 or not 0 <= cursor.seq <= _MAX_SEQ:
+        if not 0 <= cursor.xid < 2**64 or not 0 <= cursor.seq <= _MAX_SEQ:
             raise ValueError(raw)
     except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError, OSError):
         raise BadParameter(

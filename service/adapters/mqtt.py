@@ -192,6 +192,11 @@ class Link:
         self.storage.push_message(mid, package)
         try:
             await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            # The outbox sends it again (and newer rows after it): a copy left here would be
+            # replayed on reconnect and could bring back an older retained message.
+            self.storage.remove_message_by_mid(mid)
+            raise
         finally:
             self.storage.waiters.pop(mid, None)
 
@@ -210,7 +215,8 @@ class MqttDeliverer:
             return outbox.Retry("broker not connected", after_s=1.0)
         try:
             await self.link.publish(row.topic, row.payload, row.qos, row.retain, self.timeout_s)
-        except (TimeoutError, OSError, AttributeError) as exc:
+        except (TimeoutError, OSError, AttributeError, OverflowError) as exc:
+            # OverflowError: gmqtt ran out of message ids (more in flight than it may have).
             return outbox.Retry(f"publish not acknowledged: {exc!r}", after_s=1.0)
         return outbox.Done()
 

@@ -116,6 +116,7 @@ async def save_metrics(
 
 
 SETTLED = "UPDATE vehicles SET phase = $2, judge_at = NULL, changed_at = NULL WHERE id = $1"
+DROP_JUDGMENT = "UPDATE vehicles SET judge_at = NULL, changed_at = NULL WHERE id = $1"
 DUE_VEHICLES = """
 SELECT id FROM vehicles WHERE judge_at IS NOT NULL AND judge_at <= $1
 ORDER BY judge_at LIMIT $2 FOR UPDATE SKIP LOCKED
@@ -216,10 +217,16 @@ RETURNING request_id
 """
 ASKED_CAUSE = "SELECT EXISTS (SELECT 1 FROM questions WHERE session = $1 AND kind = 'abort_reason')"
 PENDING_COUNT = "SELECT count(*) FROM questions WHERE vehicle = $1 AND state = 'pending'"
+# Not locked here: the expiry locks the vehicle first, then the question (LOCK_QUESTION), in the
+# same order as a decision does, so an answer racing its expiry cannot deadlock with it.
 DUE_QUESTIONS = """
 SELECT request_id, session, vehicle, kind FROM questions
-WHERE state = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
+WHERE state = 'pending' AND expires_at <= $1 ORDER BY expires_at LIMIT $2
 """
+LOCK_PENDING_QUESTION = """
+SELECT request_id FROM questions WHERE request_id = $1 AND state = 'pending' FOR UPDATE
+"""
+EXPIRE_QUESTION = "UPDATE questions SET state = 'expired' WHERE request_id = $1"
 PENDING_FOR_VEHICLE = """
 SELECT DISTINCT session FROM questions WHERE vehicle = $1 AND state = 'pending' AND kind = 'share'
 """

@@ -174,3 +174,13 @@ def test_cause_is_kept() -> None:
     state, _ = s.apply(s.State(I, Share.SHARED, asked_cause=True), s.CauseGiven("other_fault"),
                        now=NOW)  # fmt: skip
     assert state.cause == "other_fault"
+
+
+@pytest.mark.parametrize("choice", ["always", "once"])
+def test_sharing_a_charge_the_owner_stopped_gives_the_user_cause(choice: str) -> None:
+    """Sharing after an owner's stop publishes cause user_interrupted; other causes stay unset."""
+    state, _ = s.apply(s.State(P, Share.ASKING), s.Answered(choice), now=NOW)
+    assert state.cause == "user_interrupted"
+    for status in (C, A, I):
+        other, _ = s.apply(s.State(status, Share.ASKING), s.Answered(choice), now=NOW)
+        assert other.cause is None
