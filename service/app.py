@@ -13,7 +13,7 @@ import structlog
 import uvicorn
 
 from service import handler, observability, outbox, ratelimit, retention, settle
-from service.adapters import api, mqtt, push, schema, webhook_delivery
+from service.adapters import api, leader, mqtt, push, schema, webhook_delivery
 from service.config import Settings
 
 log = structlog.get_logger("app")
@@ -48,7 +48,6 @@ class Service:
     pool: asyncpg.Pool
     handler: handler.Handler
     events: mqtt.Link
-    metrics: mqtt.Link
 
 
 @contextlib.asynccontextmanager
@@ -79,7 +78,7 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
         limited = ratelimit.guard(
             ratelimit.OwnerLimiter.from_settings(settings), on_message, h.reject
         )
-        events, metrics = await stack.enter_async_context(mqtt.links(settings, limited))
+        events = await stack.enter_async_context(mqtt.events_link(settings, limited))
         wakers.append(outbox.Dispatcher(pool, mqtt.MqttDeliverer(events), concurrency=64))
         pusher = push.build(settings, pool)
         if pusher is not None:
@@ -90,6 +89,10 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
         wakers.append(outbox.Dispatcher(pool, hooks, concurrency=64, backoff_cap_s=3600.0))
         await stack.enter_async_context(loops)
         tasks = [
+            loops.create_task(
+                leader.hold_metrics(settings, lambda: mqtt.metrics_link(settings, limited)),
+                name="metrics-consumer",
+            ),
             loops.create_task(judge.run(), name="settle"),
             loops.create_task(retention.loop(pool, settings, handler.utcnow), name="retention"),
             loops.create_task(
@@ -110,7 +113,7 @@ async def running(settings: Settings, *, api_enabled: bool = True) -> AsyncItera
             loops.create_task(server.serve(), name="api")
         log.info("service running", client_id=settings.client_id, push=pusher is not None)
         try:
-            yield Service(settings, pool, h, events, metrics)
+            yield Service(settings, pool, h, events)
         finally:
             if server is not None:
                 server.should_exit = True  # uvicorn finishes its requests, then its task ends

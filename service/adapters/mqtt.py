@@ -103,6 +103,7 @@ class Link:
         self.client.on_disconnect = self._on_disconnect
         self.client.set_config({"reconnect_retries": -1, "reconnect_delay": 0.5})
         self.subscribed_at: datetime | None = None
+        self._closing = False  # disconnect() was called: a loss from now on is ours
         self.connected = asyncio.Event()
         self.ordered = ordered
         self._slots = asyncio.Semaphore(concurrency)
@@ -134,6 +135,7 @@ class Link:
                 delay = min(delay * 2, 30.0)
 
     async def disconnect(self) -> None:
+        self._closing = True
         self.client.stop_reconnect()
         if self.client.is_connected:
             await self.client.disconnect()
@@ -151,6 +153,9 @@ class Link:
 
     def _on_disconnect(self, client: gmqtt.Client, packet: Any, exc: Any = None) -> None:
         self.connected.clear()
+        if self._closing:
+            log.info("broker link closed", link=self.name)
+            return
         delay = min(30.0, max(0.5, float(self.client.reconnect_delay)) * 2)
         self.client.reconnect_delay = delay * random.uniform(0.8, 1.2)
         log.warning(
@@ -221,13 +226,9 @@ class MqttDeliverer:
         return outbox.Done()
 
 
-@asynccontextmanager
-async def links(settings: Settings, on_message: OnMessage) -> AsyncIterator[tuple[Link, Link]]:
-    """Open the events link (persistent) and the metrics link (no session); close both."""
-    events = Link(
-        settings, settings.client_id, topics.EVENT_FILTERS, 1, on_message, persistent=True
-    )
-    metrics = Link(
+def metrics_link(settings: Settings, on_message: OnMessage) -> Link:
+    """Return the (unconnected) session-less link of the QoS 0 metric stream."""
+    return Link(
         settings,
         settings.client_id + "-metrics",
         topics.METRIC_FILTERS,
@@ -237,10 +238,16 @@ async def links(settings: Settings, on_message: OnMessage) -> AsyncIterator[tupl
         concurrency=256,
         ordered=False,
     )
+
+
+@asynccontextmanager
+async def events_link(settings: Settings, on_message: OnMessage) -> AsyncIterator[Link]:
+    """Open the persistent events link (events, grid logs, app topics, outbox); close it."""
+    events = Link(
+        settings, settings.client_id, topics.EVENT_FILTERS, 1, on_message, persistent=True
+    )
     await events.connect()
-    await metrics.connect()
     try:
-        yield events, metrics
+        yield events
     finally:
-        await metrics.disconnect()
         await events.disconnect()
