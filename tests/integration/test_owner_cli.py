@@ -2,110 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import secrets
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from service import brokeradmin, localstack
 from service.adapters import accounts
-from service.config import Settings
-from tests.conftest import SERVICE_PASSWORD, SERVICE_USER
-
-CHARGESHARE = Path(sys.executable).parent / "chargeshare"
+from tests.conftest import SERVICE_USER
+from tests.integration.clikit import Stack, cli, connack
 
 
-@dataclass(frozen=True)
-class Stack:
-    """A broker of this test's own (its ACL is rewritten from this test's database)."""
-
-    broker: localstack.Broker
-    files: brokeradmin.BrokerFiles
-    database_url: str
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "CHARGESHARE_DATABASE_URL": self.database_url,
-            "CHARGESHARE_BROKER_DIR": str(self.files.directory),
-            "CHARGESHARE_BROKER_PID_FILE": str(self.broker.pid_file),
-            "CHARGESHARE_MQTT_USERNAME": SERVICE_USER,
-        }
-
-    def settings(self) -> Settings:
-        return Settings.from_env(self.env())
-
-    def snapshot(self) -> tuple[str, str]:
-        return self.files.passwd.read_text(), self.files.acl.read_text()
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[tuple[localstack.Broker, brokeradmin.BrokerFiles]]:
-    """Start a broker that only this test changes."""
-    b = localstack.Broker(directory=tmp_path / "broker", port=localstack.free_port())
-    files = brokeradmin.BrokerFiles(b.directory, b.pid_file)
-    files.set_password(SERVICE_USER, SERVICE_PASSWORD)
-    files.write_acl(SERVICE_USER, [], [])
-    proc = localstack.start_broker(b)
-    yield b, files
-    localstack.stop_broker(proc)
-
-
-@pytest.fixture
-def stack(
-    own_broker: tuple[localstack.Broker, brokeradmin.BrokerFiles], database_url: str
-) -> Stack:
-    """This test's broker and database, as the CLI's settings name them."""
-    return Stack(own_broker[0], own_broker[1], database_url)
-
-
-async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
-    """Run `chargeshare ARGS` in a subprocess; return (status, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        str(CHARGESHARE),
-        *args,
-        env=stack.env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-def _connack(port: int, username: str, password: str) -> int:
-    """Log in with MQTT 5; return the CONNACK reason code."""
-    result: list[int] = []
-    c = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"cli-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
-    )
-    c.username_pw_set(username, password)
-    c.on_connect = lambda client, u, flags, rc, props: result.append(rc.value)
-    c.connect("127.0.0.1", port)
-    try:
-        for _ in range(20):  # each round ends on broker traffic or after 1 s: a liveness guard
-            if result:
-                break
-            c.loop(timeout=1.0)  # a refused CONNACK makes loop() report an error: that is fine
-    finally:
-        c.disconnect()
-    assert result, "no CONNACK from the broker"
-    return result[0]
-
-
-async def connack(stack: Stack, username: str, password: str) -> int:
+async def login(stack: Stack, username: str, password: str) -> int:
     """Log in to this test's broker; return the CONNACK reason code (0 = accepted)."""
-    return await asyncio.to_thread(_connack, stack.broker.port, username, password)
+    return await connack(stack.broker.port, username, password)
 
 
 async def owners(database_url: str) -> list[str]:
@@ -127,7 +37,7 @@ async def test_added_owner_logs_in_at_once(stack: Stack) -> None:
     assert (status, err) == (0, "")
     assert json.loads(out) == {"name": who, "mqtt_username": who}
     assert await owners(stack.database_url) == [who]
-    assert await connack(stack, who, "pw-1") == 0
+    assert await login(stack, who, "pw-1") == 0
 
 
 async def test_adding_an_existing_owner_fails_and_changes_nothing(stack: Stack) -> None:
@@ -141,8 +51,8 @@ async def test_adding_an_existing_owner_fails_and_changes_nothing(stack: Stack) 
     assert len(err.strip().splitlines()) == 1 and "already exists" in err
     assert stack.snapshot() == before
     assert await owners(stack.database_url) == [who]
-    assert await connack(stack, who, "old-pw") == 0
-    assert await connack(stack, who, "new-pw") == 0x87
+    assert await login(stack, who, "old-pw") == 0
+    assert await login(stack, who, "new-pw") == 0x87
 
 
 @pytest.mark.parametrize("bad", ["partner-bob", "chargeshare-x", SERVICE_USER, "a/b", "a+", ""])
@@ -159,11 +69,11 @@ async def test_removed_owner_can_no_longer_log_in(stack: Stack) -> None:
     """`owner remove` deletes the account row and its broker login at once."""
     who = name()
     assert (await cli(stack, "owner", "add", who, "--password", "pw-1"))[0] == 0
-    assert await connack(stack, who, "pw-1") == 0
+    assert await login(stack, who, "pw-1") == 0
     status, _, err = await cli(stack, "owner", "remove", who)
     assert (status, err) == (0, "")
     assert await owners(stack.database_url) == []
-    assert await connack(stack, who, "pw-1") == 0x87
+    assert await login(stack, who, "pw-1") == 0x87
     assert f"user {who}\n" not in stack.files.acl.read_text()
 
 

@@ -14,7 +14,7 @@ import pytest
 from service import handler, settle, topics
 from service.adapters import accounts, partners
 from service.config import Settings
-from tests.integration.test_owner_cli import Stack, cli, own_broker, stack  # noqa: F401
+from tests.integration.clikit import Stack, cli
 from tests.leaks import coordinate_leaks
 
 STATION = (51.302300, 0.401450)
@@ -93,7 +93,7 @@ class World:
 
 
 @pytest.fixture
-async def world(stack: Stack) -> AsyncIterator[World]:  # noqa: F811
+async def world(stack: Stack) -> AsyncIterator[World]:
     """An owner with a shared, a `never`, and an asked session, and a partner with a webhook."""
     settings = settings_with_secret(stack.settings())
     pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=4)
@@ -163,7 +163,7 @@ async def test_export_shows_everything_stored_with_tokens_masked(world: World) -
     assert status == 0 and json.loads(pretty) == data
 
 
-async def test_export_of_unknown_owner_fails(stack: Stack) -> None:  # noqa: F811
+async def test_export_of_unknown_owner_fails(stack: Stack) -> None:
     """Exporting an owner that does not exist exits 1 with a one-line reason."""
     status, out, err = await cli(stack, "owner", "export", "nobody")
     assert (status, out) == (1, "") and "no owner named 'nobody'" in err

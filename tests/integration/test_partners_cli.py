@@ -4,75 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from service import brokeradmin, localstack, webhooks
-from tests.conftest import SERVICE_PASSWORD, SERVICE_USER
+from service import webhooks
+from tests.integration.clikit import SECRET, Stack, cli
 
-CHARGESHARE = Path(sys.executable).parent / "chargeshare"
-SECRET = "cli-test-location-secret-0123456789"
 NOT_AUTHORIZED = 0x87
-
-
-@dataclass
-class Stack:
-    """A broker of this test's own (its ACL is rewritten from this test's database)."""
-
-    broker: localstack.Broker
-    files: brokeradmin.BrokerFiles
-    database_url: str
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def env(self) -> dict[str, str]:
-        return {
-            **os.environ,
-            "CHARGESHARE_DATABASE_URL": self.database_url,
-            "CHARGESHARE_BROKER_DIR": str(self.files.directory),
-            "CHARGESHARE_BROKER_PID_FILE": str(self.broker.pid_file),
-            "CHARGESHARE_MQTT_USERNAME": SERVICE_USER,
-            "CHARGESHARE_LOCATION_SECRET": SECRET,
-            **self.extra,
-        }
-
-    def snapshot(self) -> tuple[str, str]:
-        return self.files.passwd.read_text(), self.files.acl.read_text()
-
-
-@pytest.fixture
-def stack(tmp_path: Path, database_url: str) -> Iterator[Stack]:
-    """Start a broker that only this test changes, named with this test's database."""
-    b = localstack.Broker(directory=tmp_path / "broker", port=localstack.free_port())
-    files = brokeradmin.BrokerFiles(b.directory, b.pid_file)
-    files.set_password(SERVICE_USER, SERVICE_PASSWORD)
-    files.write_acl(SERVICE_USER, [], [])
-    proc = localstack.start_broker(b)
-    yield Stack(b, files, database_url)
-    localstack.stop_broker(proc)
-
-
-async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
-    """Run `chargeshare ARGS` in a subprocess; return (status, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        str(CHARGESHARE),
-        *args,
-        env=stack.env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def _mqtt(port: int, username: str, password: str) -> tuple[int, int | None]:

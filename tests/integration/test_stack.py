@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shlex
 import shutil
 import stat
@@ -15,9 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.integration import clikit
 
 CHARGESHARE = Path(sys.executable).parent / "chargeshare"
 KEYS = {
@@ -68,29 +67,9 @@ def read_env(stack_dir: Path) -> dict[str, str]:
     return env
 
 
-def _connack(port: int, username: str, password: str) -> int:
-    result: list[int] = []
-    c = mqtt.Client(
-        CallbackAPIVersion.VERSION2, client_id=f"stk-{secrets.token_hex(4)}", protocol=mqtt.MQTTv5
-    )
-    c.username_pw_set(username, password)
-    c.on_connect = lambda client, u, flags, rc, props: result.append(rc.value)
-    c.connect("127.0.0.1", port)
-    try:
-        for _ in range(20):  # each round ends on broker traffic or after 1 s: a liveness guard
-            if result:
-                break
-            c.loop(timeout=1.0)
-    finally:
-        c.disconnect()
-    assert result, "no CONNACK from the broker"
-    return result[0]
-
-
 async def connack(env: dict[str, str], username: str, password: str) -> int:
     """Log in to the stack's broker; return the CONNACK reason code (0 = accepted)."""
-    port = int(env["CHARGESHARE_MQTT_PORT"])
-    return await asyncio.to_thread(_connack, port, username, password)
+    return await clikit.connack(int(env["CHARGESHARE_MQTT_PORT"]), username, password)
 
 
 async def refuses_connections(port: int) -> bool:
