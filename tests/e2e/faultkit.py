@@ -331,6 +331,11 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 n = int(self.headers.get("content-length", "0"))
                 body = self.rfile.read(n)
+                if len(body) < n:
+                    # The sender went away mid-request (a replica killed while posting): it saw
+                    # no 2xx and will deliver again; a real receiver drops the torn request.
+                    self.close_connection = True
+                    return
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 with receiver._lock:
                     receiver.hooks.append(Hook(headers, body))
